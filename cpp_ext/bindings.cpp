@@ -1,0 +1,215 @@
+// pybind11 bindings of the SPSC rings: AudioRing (float32 samples) and TokenRing (int32 tokens).
+//
+// Arrays cross through the buffer protocol without copies or conversion: a 1-D C-contiguous buffer of
+// exactly the ring's dtype, or a clear TypeError / ValueError. Calls that may wait release the GIL for
+// their whole duration; non-blocking calls release it only for large copies, where the copy costs more
+// than handing the GIL over (a 10 ms block copies in well under a microsecond).
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "spsc_ring.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr size_t kReleaseGilAbove = 1 << 15;  // samples; below this a copy is cheaper than a GIL hand-off
+
+template <typename T>
+struct ElementInfo;
+template <>
+struct ElementInfo<float> {
+  static constexpr char kFormat = 'f';
+  static constexpr const char* kName = "float32";
+};
+template <>
+struct ElementInfo<int32_t> {
+  static constexpr char kFormat = 'i';
+  static constexpr const char* kName = "int32";
+};
+
+template <typename T>
+struct View {
+  py::buffer_info info;
+  T* data() const { return static_cast<T*>(info.ptr); }
+  size_t size() const { return static_cast<size_t>(info.size); }
+};
+
+// A zero-copy view of `obj`, or a TypeError/ValueError that says what was expected.
+template <typename T>
+View<T> as_view(const py::buffer& obj, bool writable, const char* arg) {
+  py::buffer_info info;
+  try {
+    info = obj.request(writable);
+  } catch (py::error_already_set& e) {
+    if (writable) throw py::value_error(std::string(arg) + " must be a writable array (got a read-only buffer)");
+    throw;
+  }
+  const std::string& fmt = info.format;
+  const bool little = fmt.size() == 1 || (fmt.size() == 2 && (fmt[0] == '<' || fmt[0] == '=' || fmt[0] == '@'));
+  char code = fmt.empty() ? '?' : fmt.back();
+  if (code == 'l' && sizeof(long) == 4) code = 'i';
+  if (!little || code != ElementInfo<T>::kFormat || info.itemsize != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::type_error(std::string(arg) + " must have dtype " + ElementInfo<T>::kName + " (buffer format '" + fmt +
+                         "', " + std::to_string(info.itemsize) + "-byte items); convert it once outside the hot path");
+  }
+  if (info.ndim != 1) {
+    throw py::value_error(std::string(arg) + " must be 1-D, got " + std::to_string(info.ndim) +
+                          " dimensions (use .reshape(-1) on a contiguous array)");
+  }
+  if (info.size > 1 && info.strides[0] != static_cast<py::ssize_t>(sizeof(T))) {
+    throw py::value_error(std::string(arg) + " must be C-contiguous (stride " + std::to_string(info.strides[0]) +
+                          " bytes, expected " + std::to_string(sizeof(T)) + ")");
+  }
+  return View<T>{std::move(info)};
+}
+
+kimia::OverflowPolicy parse_policy(const std::string& name) {
+  if (name == "block") return kimia::OverflowPolicy::Block;
+  if (name == "drop_oldest") return kimia::OverflowPolicy::DropOldest;
+  if (name == "raise") return kimia::OverflowPolicy::Raise;
+  throw py::value_error("policy must be 'block', 'drop_oldest' or 'raise', got '" + name + "'");
+}
+
+const char* policy_name(kimia::OverflowPolicy p) {
+  switch (p) {
+    case kimia::OverflowPolicy::Block:
+      return "block";
+    case kimia::OverflowPolicy::DropOldest:
+      return "drop_oldest";
+    case kimia::OverflowPolicy::Raise:
+      return "raise";
+  }
+  return "?";
+}
+
+double timeout_arg(const py::object& timeout) {
+  if (timeout.is_none()) return -1.0;
+  const double t = timeout.cast<double>();
+  if (t < 0) throw py::value_error("timeout must be >= 0 seconds or None (wait forever)");
+  return t;
+}
+
+template <typename T>
+void bind_ring(py::module_& m, const char* name, const char* doc) {
+  using Ring = kimia::SpscRing<T>;
+  py::class_<Ring>(m, name, doc)
+      .def(py::init([](size_t capacity, const std::string& policy) {
+             return new Ring(capacity, parse_policy(policy));
+           }),
+           py::arg("capacity"), py::arg("policy") = "block",
+           "capacity: size in elements. policy: 'block' (writers wait for space), 'drop_oldest' (writers "
+           "overwrite the oldest unread data), 'raise' (a write that does not fit raises RingFullError).")
+      .def(
+          "write",
+          [](Ring& r, const py::buffer& data, const py::object& timeout) {
+            auto v = as_view<T>(data, false, "data");
+            const double t = timeout_arg(timeout);
+            py::gil_scoped_release nogil;
+            return r.write(v.data(), v.size(), t);
+          },
+          py::arg("data"), py::arg("timeout") = py::none(),
+          "Writes all of `data`, waiting for space under the 'block' policy (GIL released while waiting). "
+          "Returns the number of elements written: fewer than len(data) only if `timeout` (seconds) expired.")
+      .def(
+          "write_nowait",
+          [](Ring& r, const py::buffer& data) {
+            auto v = as_view<T>(data, false, "data");
+            if (v.size() > kReleaseGilAbove) {
+              py::gil_scoped_release nogil;
+              return r.write_nowait(v.data(), v.size());
+            }
+            return r.write_nowait(v.data(), v.size());
+          },
+          py::arg("data"),
+          "Never waits. 'block': writes what fits now; 'drop_oldest': writes everything; 'raise': writes "
+          "everything or raises RingFullError. Returns the number of elements written.")
+      .def(
+          "read_into",
+          [](Ring& r, const py::buffer& out, const py::object& timeout) {
+            auto v = as_view<T>(out, true, "out");
+            const double t = timeout_arg(timeout);
+            py::gil_scoped_release nogil;
+            return r.read(v.data(), v.size(), t);
+          },
+          py::arg("out"), py::arg("timeout") = py::none(),
+          "Fills `out`, waiting for data (GIL released). Returns the number of elements read: fewer than "
+          "len(out) at end of stream (closed and drained) or when `timeout` expired.")
+      .def(
+          "read_into_nowait",
+          [](Ring& r, const py::buffer& out, bool pad_silence) {
+            auto v = as_view<T>(out, true, "out");
+            if (v.size() > kReleaseGilAbove) {
+              py::gil_scoped_release nogil;
+              return r.read_nowait(v.data(), v.size(), pad_silence);
+            }
+            return r.read_nowait(v.data(), v.size(), pad_silence);
+          },
+          py::arg("out"), py::arg("pad_silence") = false,
+          "Never waits or allocates: copies what is there into `out`, zero-fills the rest if `pad_silence` "
+          "(for a sound-device callback), and counts an underrun if it came up short. Returns elements read.")
+      .def(
+          "read",
+          [](Ring& r, size_t n, const py::object& timeout) {
+            py::array_t<T> out(static_cast<py::ssize_t>(n));
+            const double t = timeout_arg(timeout);
+            size_t got;
+            {
+              py::gil_scoped_release nogil;
+              got = r.read(out.mutable_data(), n, t);
+            }
+            return got == n ? out : py::array_t<T>(out[py::slice(0, static_cast<py::ssize_t>(got), 1)]);
+          },
+          py::arg("n"), py::arg("timeout") = py::none(),
+          "Reads n elements into a new array, waiting for data; shorter at end of stream or on timeout.")
+      .def(
+          "read_nowait",
+          [](Ring& r, size_t n) {
+            py::array_t<T> out(static_cast<py::ssize_t>(n));
+            const size_t got = r.read_nowait(out.mutable_data(), n, false);
+            return got == n ? out : py::array_t<T>(out[py::slice(0, static_cast<py::ssize_t>(got), 1)]);
+          },
+          py::arg("n"), "Reads up to n elements that are there now into a new array; never waits.")
+      .def("clear", &Ring::clear, "Discards everything buffered (call from the reader, or with no reader running).")
+      .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>(),
+           "Ends the stream: later writes raise RingClosedError; waiting readers and writers wake up; "
+           "readers drain what is left, then get short reads (end of stream).")
+      .def_property_readonly("capacity", &Ring::capacity)
+      .def_property_readonly("policy", [](const Ring& r) { return policy_name(r.policy()); })
+      .def_property_readonly("closed", &Ring::closed)
+      .def_property_readonly("available", &Ring::available, "Elements a reader can take now.")
+      .def_property_readonly("free", &Ring::free_space, "Elements a writer can add now without waiting or dropping.")
+      .def(
+          "stats",
+          [](const Ring& r) {
+            const kimia::RingStats s = r.stats();
+            py::dict d;
+            d["total_written"] = s.total_written;
+            d["total_read"] = s.total_read;
+            d["dropped"] = s.dropped;
+            d["overruns"] = s.overruns;
+            d["underruns"] = s.underruns;
+            d["high_water"] = s.high_water;
+            return d;
+          },
+          "Counters: total_written, total_read, dropped (samples overwritten unread), overruns (writes that met "
+          "a full ring), underruns (reads that came up short on an open ring), high_water (largest fill).")
+      .def("__len__", &Ring::available)
+      .def("__repr__", [name](const Ring& r) {
+        return std::string(name) + "(capacity=" + std::to_string(r.capacity()) + ", policy='" +
+               policy_name(r.policy()) + "', available=" + std::to_string(r.available()) +
+               (r.closed() ? ", closed" : "") + ")";
+      });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, m) {
+  m.doc() = "kimia-edge native code: lock-free single-producer single-consumer rings.";
+  py::register_exception<kimia::RingClosed>(m, "RingClosedError", PyExc_RuntimeError);
+  py::register_exception<kimia::RingFull>(m, "RingFullError", PyExc_BufferError);
+  bind_ring<float>(m, "AudioRing", "SPSC ring of float32 audio samples.");
+  bind_ring<int32_t>(m, "TokenRing", "SPSC ring of int32 token ids.");
+}

@@ -1,0 +1,1 @@
+"""Build time: snapshot I/O, the PyTorch reference, ONNX / GGUF / TensorRT export, the bundle writer."""

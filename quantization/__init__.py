@@ -1,0 +1,1 @@
+"""Build time: precision variants, accuracy metrics, the quantization study and its report."""

@@ -1,0 +1,37 @@
+"""The ``kimia-edge`` command. Each world registers its own sub-commands; heavy imports (torch,
+onnxruntime, llama.cpp) happen inside the handlers, so ``kimia-edge --version`` stays instant."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from kimia_edge import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kimia_edge.export import cli as export_cli
+    from kimia_edge.runtime import cli as runtime_cli
+
+    parser = argparse.ArgumentParser(prog="kimia-edge", description="On-device inference for Kimi-Audio.")
+    parser.add_argument("--version", action="version", version=f"kimia-edge {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    runtime_cli.register(sub)
+    export_cli.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
