@@ -1,9 +1,10 @@
 // pybind11 bindings of the SPSC rings: AudioRing (float32 samples) and TokenRing (int32 tokens).
 //
 // Arrays cross through the buffer protocol without copies or conversion: a 1-D C-contiguous buffer of
-// exactly the ring's dtype, or a clear TypeError / ValueError. Calls that may wait release the GIL for
-// their whole duration; non-blocking calls release it only for large copies, where the copy costs more
-// than handing the GIL over (a 10 ms block copies in well under a microsecond).
+// exactly the ring's dtype, or a clear TypeError / ValueError.
+// GIL: every call releases it while it waits (the wait guard) and for copies above kReleaseGilAbove
+// samples. Smaller copies keep it: a 10 ms block copies in ~0.1 us, while handing the GIL to a waiting
+// thread and taking it back costs microseconds and halved the throughput in bench/ring_buffer.py.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -107,8 +108,11 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
           [](Ring& r, const py::buffer& data, const py::object& timeout) {
             auto v = as_view<T>(data, false, "data");
             const double t = timeout_arg(timeout);
-            py::gil_scoped_release nogil;
-            return r.write(v.data(), v.size(), t);
+            if (v.size() > kReleaseGilAbove) {
+              py::gil_scoped_release nogil;
+              return r.write(v.data(), v.size(), t);
+            }
+            return r.template write<py::gil_scoped_release>(v.data(), v.size(), t);
           },
           py::arg("data"), py::arg("timeout") = py::none(),
           "Writes all of `data`, waiting for space under the 'block' policy (GIL released while waiting). "
@@ -131,8 +135,11 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
           [](Ring& r, const py::buffer& out, const py::object& timeout) {
             auto v = as_view<T>(out, true, "out");
             const double t = timeout_arg(timeout);
-            py::gil_scoped_release nogil;
-            return r.read(v.data(), v.size(), t);
+            if (v.size() > kReleaseGilAbove) {
+              py::gil_scoped_release nogil;
+              return r.read(v.data(), v.size(), t);
+            }
+            return r.template read<py::gil_scoped_release>(v.data(), v.size(), t);
           },
           py::arg("out"), py::arg("timeout") = py::none(),
           "Fills `out`, waiting for data (GIL released). Returns the number of elements read: fewer than "
@@ -156,9 +163,11 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
             py::array_t<T> out(static_cast<py::ssize_t>(n));
             const double t = timeout_arg(timeout);
             size_t got;
-            {
+            if (n > kReleaseGilAbove) {
               py::gil_scoped_release nogil;
               got = r.read(out.mutable_data(), n, t);
+            } else {
+              got = r.template read<py::gil_scoped_release>(out.mutable_data(), n, t);
             }
             return got == n ? out : py::array_t<T>(out[py::slice(0, static_cast<py::ssize_t>(got), 1)]);
           },

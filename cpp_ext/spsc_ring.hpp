@@ -12,9 +12,11 @@
 //                drops whatever may have been overwritten while it copied, so it never returns torn data.
 //   Raise      - a write that does not fit entirely is refused (all or nothing).
 //
-// Every slot is a relaxed atomic of the element's bit pattern, so the drop-oldest race is well defined
-// (no data race in the C++ memory model, and ThreadSanitizer agrees) and values round-trip bit-exactly,
-// NaN payloads included. On x86-64 and AArch64 a relaxed atomic load/store is a plain move.
+// Slots are plain 32-bit words. Under Block and Raise a slot is never written while it may be read (head and
+// tail hand slots over with release/acquire), so copies are memcpy. Under DropOldest the producer may
+// overwrite a slot the consumer is copying, so there each slot is stored with release and loaded with acquire
+// through the GCC/Clang __atomic builtins: no data race in the memory model, ThreadSanitizer sees every
+// ordering (it does not model standalone fences), and values round-trip bit-exactly, NaN payloads included.
 #pragma once
 
 #include <algorithm>
@@ -53,18 +55,21 @@ class RingFull : public std::runtime_error {
 
 using Clock = std::chrono::steady_clock;
 
+// Constructed around every wait and destroyed when it ends; the Python bindings pass a guard that releases
+// the GIL, so a call holds the GIL while it copies and lets it go only while it sleeps.
+struct NoWaitGuard {};
+
 template <typename T>
 class SpscRing {
   static_assert(sizeof(T) == 4 && std::is_trivially_copyable<T>::value, "4-byte trivially copyable elements");
   using Bits = uint32_t;
-  static_assert(std::atomic<Bits>::is_always_lock_free, "slots must be lock-free atomics");
+  static_assert(__atomic_always_lock_free(sizeof(Bits), 0), "slots must allow lock-free atomic access");
   static_assert(std::atomic<uint64_t>::is_always_lock_free, "counters must be lock-free atomics");
 
  public:
   SpscRing(size_t capacity, OverflowPolicy policy)
-      : capacity_(capacity), policy_(policy), slots_(new std::atomic<Bits>[capacity]) {
+      : capacity_(capacity), policy_(policy), slots_(capacity ? new Bits[capacity]() : nullptr) {
     if (capacity == 0) throw std::invalid_argument("capacity must be at least 1 sample");
-    for (size_t i = 0; i < capacity; ++i) slots_[i].store(0, std::memory_order_relaxed);
   }
 
   size_t capacity() const { return capacity_; }
@@ -72,9 +77,10 @@ class SpscRing {
   bool closed() const { return closed_.load(std::memory_order_acquire); }
 
   // Samples a reader can take now (never more than capacity).
+  // seq_cst loads: the wait predicates use this (see wait_until); on x86 and AArch64 they cost what acquire does.
   size_t available() const {
-    const uint64_t h = head_.load(std::memory_order_acquire);
-    const uint64_t t = tail_.load(std::memory_order_acquire);
+    const uint64_t h = head_.load(std::memory_order_seq_cst);
+    const uint64_t t = tail_.load(std::memory_order_seq_cst);
     return static_cast<size_t>(std::min<uint64_t>(h - t, capacity_));
   }
   size_t free_space() const { return capacity_ - available(); }
@@ -90,6 +96,7 @@ class SpscRing {
 
   // Blocking write (Block policy waits for space; the others behave as write_nowait).
   // timeout_s < 0 waits forever. Returns samples accepted: fewer than n only if the timeout expired.
+  template <typename WaitGuard = NoWaitGuard>
   size_t write(const T* src, size_t n, double timeout_s) {
     if (policy_ != OverflowPolicy::Block) return write_nowait(src, n);
     const auto deadline = deadline_from(timeout_s);
@@ -103,7 +110,7 @@ class SpscRing {
         stat_overruns_.fetch_add(1, std::memory_order_relaxed);
         counted_overrun = true;
       }
-      if (!wait_until(space_cv_, deadline, [&] { return free_space() > 0 || closed(); })) return done;
+      if (!wait_until<WaitGuard>(space_cv_, deadline, [&] { return free_space() > 0 || closed(); })) return done;
     }
   }
 
@@ -122,6 +129,7 @@ class SpscRing {
 
   // Blocking read: waits until n samples were read, the ring is closed and drained (end of stream),
   // or the timeout expired (timeout_s < 0 waits forever). Returns samples read.
+  template <typename WaitGuard = NoWaitGuard>
   size_t read(T* dst, size_t n, double timeout_s) {
     const auto deadline = deadline_from(timeout_s);
     size_t done = 0;
@@ -129,7 +137,7 @@ class SpscRing {
       done += read_some(dst + done, n - done);
       if (done == n) return done;
       if (closed() && available() == 0) return done;  // end of stream: not an underrun
-      if (!wait_until(data_cv_, deadline, [&] { return available() > 0 || closed(); })) {
+      if (!wait_until<WaitGuard>(data_cv_, deadline, [&] { return available() > 0 || closed(); })) {
         stat_underruns_.fetch_add(1, std::memory_order_relaxed);
         return done;
       }
@@ -172,15 +180,16 @@ class SpscRing {
     return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   }
 
-  // Waits on cv until pred() or the deadline. The waiter count is raised (seq_cst) before pred is checked
-  // under the mutex, and the other side stores its counter (seq_cst) before it reads the waiter count:
-  // one of them always sees the other, so no wakeup is lost.
-  template <typename Pred>
+  // Waits on cv until pred() or the deadline. The waiter count is raised (seq_cst RMW) before pred reads the
+  // counters (seq_cst loads), and the other side stores its counter (seq_cst) before it reads the waiter
+  // count (seq_cst): in the single total order one of them sees the other, so no wakeup is lost.
+  template <typename WaitGuard, typename Pred>
   bool wait_until(std::condition_variable& cv, Clock::time_point deadline, Pred pred) {
     std::atomic<int>& waiters = (&cv == &space_cv_) ? space_waiters_ : data_waiters_;
+    WaitGuard guard;  // before the lock: nobody holding mutex_ ever needs what the guard gives up
+    (void)guard;
     std::unique_lock<std::mutex> lock(mutex_);
     waiters.fetch_add(1, std::memory_order_seq_cst);
-    std::atomic_thread_fence(std::memory_order_seq_cst);
     bool ok;
     if (deadline == Clock::time_point::max()) {
       cv.wait(lock, pred);
@@ -193,7 +202,6 @@ class SpscRing {
   }
 
   void notify(std::condition_variable& cv, std::atomic<int>& waiters) {
-    std::atomic_thread_fence(std::memory_order_seq_cst);
     if (waiters.load(std::memory_order_seq_cst) > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       cv.notify_all();
@@ -231,30 +239,40 @@ class SpscRing {
     const uint64_t t = tail_.load(std::memory_order_acquire);
     if (h + n - t > capacity_) stat_overruns_.fetch_add(1, std::memory_order_relaxed);
     const size_t k = std::min(n, capacity_);
-    // Announce the slots about to be overwritten before touching them (seqlock writer side).
+    // Announce the slots about to be overwritten before touching them (seqlock writer side): a reader that
+    // loads (acquire) any slot value stored (release) after this sees the claim too.
     claim_.store(h + n, std::memory_order_relaxed);
-    std::atomic_thread_fence(std::memory_order_release);
     store_slots(h + n - k, src + (n - k), k);
     publish(h + n, t);
     return n;
   }
 
   void store_slots(uint64_t start, const T* src, size_t k) {
-    size_t pos = static_cast<size_t>(start % capacity_);
+    const size_t pos = static_cast<size_t>(start % capacity_);
+    const size_t first = std::min(k, capacity_ - pos);  // up to the physical end, then wrap to slot 0
+    if (policy_ != OverflowPolicy::DropOldest) {
+      std::memcpy(slots_.get() + pos, src, first * sizeof(T));
+      std::memcpy(slots_.get(), src + first, (k - first) * sizeof(T));
+      return;
+    }
     for (size_t i = 0; i < k; ++i) {
       Bits b;
       std::memcpy(&b, src + i, sizeof(Bits));
-      slots_[pos].store(b, std::memory_order_relaxed);
-      if (++pos == capacity_) pos = 0;
+      __atomic_store_n(&slots_[i < first ? pos + i : i - first], b, __ATOMIC_RELEASE);
     }
   }
 
   void load_slots(uint64_t start, T* dst, size_t k) const {
-    size_t pos = static_cast<size_t>(start % capacity_);
+    const size_t pos = static_cast<size_t>(start % capacity_);
+    const size_t first = std::min(k, capacity_ - pos);
+    if (policy_ != OverflowPolicy::DropOldest) {
+      std::memcpy(static_cast<void*>(dst), slots_.get() + pos, first * sizeof(T));
+      std::memcpy(static_cast<void*>(dst + first), slots_.get(), (k - first) * sizeof(T));
+      return;
+    }
     for (size_t i = 0; i < k; ++i) {
-      const Bits b = slots_[pos].load(std::memory_order_relaxed);
+      const Bits b = __atomic_load_n(&slots_[i < first ? pos + i : i - first], __ATOMIC_ACQUIRE);
       std::memcpy(dst + i, &b, sizeof(Bits));
-      if (++pos == capacity_) pos = 0;
     }
   }
 
@@ -279,8 +297,7 @@ class SpscRing {
       if (k > 0) load_slots(t, dst, k);
       size_t valid_from = 0;
       if (policy_ == OverflowPolicy::DropOldest && k > 0) {
-        std::atomic_thread_fence(std::memory_order_acquire);
-        const uint64_t c = claim_.load(std::memory_order_relaxed);
+        const uint64_t c = claim_.load(std::memory_order_relaxed);  // ordered after the acquire slot loads
         if (c > t + capacity_) {  // slots [t, c - capacity) may have changed while we copied them
           const uint64_t bad = std::min<uint64_t>(c - capacity_ - t, k);
           valid_from = static_cast<size_t>(bad);
@@ -304,7 +321,7 @@ class SpscRing {
 
   const size_t capacity_;
   const OverflowPolicy policy_;
-  std::unique_ptr<std::atomic<Bits>[]> slots_;
+  std::unique_ptr<Bits[]> slots_;
 
   alignas(64) std::atomic<uint64_t> head_{0};  // written by the producer
   std::atomic<uint64_t> claim_{0};             // DropOldest: end of the range the producer may be writing
