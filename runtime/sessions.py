@@ -1,0 +1,159 @@
+"""One factory for inference sessions: it chooses the provider per artifact — a TensorRT engine, or ONNX
+Runtime with the TensorRT EP, the CUDA EP, or the CPU — and reports which one it got. It never falls back
+silently: every fallback is logged with its reason, and ``strict=True`` turns it into an error.
+
+The choice itself (``plan_providers``, ``ort_provider_options``) needs neither a GPU nor TensorRT and is
+unit-tested; running on a GPU is untested here (no GPU on the machines this was written on).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from kimia_edge.runtime.manifest import Artifact, ShapeProfile
+
+log = logging.getLogger(__name__)
+
+TRT_ENGINE = "TensorRTEngine"  # our own runner of a prebuilt engine (runtime/trt_engine.py)
+TRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+
+
+class ProviderUnavailable(RuntimeError):
+    """The requested device cannot be used here; the message says why."""
+
+
+def plan_providers(device: str, ort_available: Sequence[str], engine_runnable: bool) -> List[str]:
+    """Providers to try, best first, for ``device`` given what this machine offers.
+
+    ``ort_available``: ``onnxruntime.get_available_providers()``. ``engine_runnable``: the tensorrt package and a
+    CUDA device are present and the artifact has a prebuilt engine for this GPU.
+    Raises ProviderUnavailable if an explicitly requested device cannot be had.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    gpu_eps = [p for p in (TRT_EP, CUDA_EP) if p in ort_available]
+    if device == "cpu":
+        return [CPU_EP]
+    if device == "tensorrt":
+        plan = ([TRT_ENGINE] if engine_runnable else []) + ([TRT_EP] if TRT_EP in ort_available else [])
+        if not plan:
+            raise ProviderUnavailable("device 'tensorrt' asked for, but neither a runnable engine nor ONNX Runtime's "
+                                      "TensorRT EP is available (install onnxruntime-gpu and TensorRT)")
+        return plan
+    if device == "cuda":
+        if CUDA_EP not in ort_available:
+            raise ProviderUnavailable(f"device 'cuda' asked for, but ONNX Runtime offers only {list(ort_available)} "
+                                      "(install onnxruntime-gpu instead of onnxruntime)")
+        return [CUDA_EP]
+    return ([TRT_ENGINE] if engine_runnable else []) + gpu_eps + [CPU_EP]
+
+
+def trt_shape_string(profiles: Mapping[str, ShapeProfile], which: str) -> str:
+    """ORT TensorRT EP profile syntax: ``"x:1x120x80,t:1"`` for ``which`` in min | opt | max."""
+    return ",".join(f"{name}:{'x'.join(str(d) for d in getattr(p, which))}" for name, p in sorted(profiles.items()))
+
+
+def ort_provider_options(provider: str, artifact: Artifact, cache_dir: Optional[Path]) -> Dict[str, Any]:
+    """Options for one ORT execution provider, from the artifact's precision and profile shapes."""
+    if provider == TRT_EP:
+        opts: Dict[str, Any] = {
+            "trt_fp16_enable": artifact.precision in ("fp16", "int8_qdq"),
+            "trt_int8_enable": artifact.precision == "int8_qdq",  # explicit quantization: scales come from QDQ nodes
+        }
+        if cache_dir is not None:
+            opts.update({
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+            })
+        if artifact.profiles:
+            for which in ("min", "opt", "max"):
+                opts[f"trt_profile_{which}_shapes"] = trt_shape_string(artifact.profiles, which)
+        return opts
+    if provider == CUDA_EP:
+        return {"cudnn_conv_algo_search": "HEURISTIC"}
+    return {}
+
+
+@dataclass
+class Session:
+    """An opened artifact: ``run(feeds) -> outputs`` plus the provider that actually runs it."""
+
+    name: str
+    provider: str
+    impl: Any
+    output_names: Tuple[str, ...]
+    input_names: Tuple[str, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        return self.impl.run(None, dict(feeds))
+
+
+def _engine_runnable(artifact: Artifact, bundle_root: Path) -> bool:
+    engine = artifact.extra.get("tensorrt_engine")
+    if not engine or not (bundle_root / engine).is_file():
+        return False
+    try:
+        import tensorrt  # noqa: F401
+        from cuda import cudart  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def open_session(
+    bundle_root: Path,
+    artifact: Artifact,
+    device: str = "auto",
+    threads: Optional[int] = None,
+    cache_dir: Optional[Path] = None,
+    strict: bool = False,
+) -> Session:
+    """Opens ``artifact`` of the bundle at ``bundle_root`` on the best provider ``device`` allows.
+
+    Logs the provider it got at INFO, and every fallback at WARNING with the reason; with ``strict`` a fallback
+    from the first planned provider raises ProviderUnavailable instead.
+    """
+    import onnxruntime as ort
+
+    plan = plan_providers(device, ort.get_available_providers(), _engine_runnable(artifact, bundle_root))
+    if plan[0] == TRT_ENGINE:
+        from kimia_edge.runtime.trt_engine import TrtEngineSession
+
+        try:
+            impl = TrtEngineSession(bundle_root / artifact.extra["tensorrt_engine"])
+            log.info("%s: running on a TensorRT engine", artifact.name)
+            return Session(artifact.name, TRT_ENGINE, impl, impl.output_names, impl.input_names)
+        except Exception as exc:  # fall through to ORT, loudly
+            if strict:
+                raise ProviderUnavailable(f"{artifact.name}: TensorRT engine failed to load: {exc}") from exc
+            log.warning("%s: TensorRT engine failed to load (%s); trying %s", artifact.name, exc, plan[1:])
+        plan = plan[1:]
+
+    so = ort.SessionOptions()
+    threads = threads or int(os.environ.get("KIMIA_EDGE_THREADS", "0")) or None
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    providers = [(p, ort_provider_options(p, artifact, cache_dir)) for p in plan]
+    impl = ort.InferenceSession(str(bundle_root / artifact.path), sess_options=so, providers=providers)
+    got = impl.get_providers()[0]  # what ORT really uses; get_available_providers() lies on CPU-only machines
+    if got != plan[0]:
+        msg = f"{artifact.name}: asked for {plan[0]}, ONNX Runtime gave {got} (is a GPU visible and is CUDA/TensorRT installed?)"
+        if strict:
+            raise ProviderUnavailable(msg)
+        log.warning(msg)
+    log.info("%s (%s) runs on %s", artifact.name, artifact.precision, got)
+    return Session(
+        artifact.name, got, impl,
+        tuple(o.name for o in impl.get_outputs()), tuple(i.name for i in impl.get_inputs()),
+    )
