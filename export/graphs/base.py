@@ -1,0 +1,148 @@
+"""One class per exported graph. A ``GraphSpec`` owns what is particular to its graph — the torch module to
+export (built from a snapshot), its I/O names, dynamic axes, seeded example inputs, TensorRT profile shapes,
+and the lengths and tolerances of its parity check — and ``export_graph`` does the rest the same way for all:
+torch's ONNX exporter, ``onnx.checker``, a run in ONNX Runtime, and parity against the torch module at
+several shapes."""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from kimia_edge.runtime.manifest import ShapeProfile
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Error of an output against the reference: max |a-b| and ||a-b|| / ||b||."""
+
+    max_abs: float
+    rel_l2: float
+
+    @classmethod
+    def of(cls, got: np.ndarray, ref: np.ndarray) -> "ErrorStats":
+        got64, ref64 = got.astype(np.float64), ref.astype(np.float64)
+        if got64.shape != ref64.shape:
+            raise ValueError(f"shape mismatch: got {got64.shape}, reference {ref64.shape}")
+        diff = got64 - ref64
+        return cls(float(np.abs(diff).max(initial=0.0)), float(np.linalg.norm(diff) / max(np.linalg.norm(ref64), 1e-30)))
+
+    def worst(self, other: "ErrorStats") -> "ErrorStats":
+        return ErrorStats(max(self.max_abs, other.max_abs), max(self.rel_l2, other.rel_l2))
+
+    def within(self, tol: "ErrorStats") -> bool:
+        return self.max_abs <= tol.max_abs and self.rel_l2 <= tol.rel_l2
+
+
+class GraphSpec(ABC):
+    """Subclasses set the class attributes and implement ``build`` and ``example_inputs``."""
+
+    name: str
+    component: str
+    input_names: Tuple[str, ...]
+    output_names: Tuple[str, ...]
+    # dynamic axes by input/output name: {axis index: symbolic name}; everything else is static
+    dynamic_axes: Dict[str, Dict[int, str]] = {}
+    # lengths (along the main dynamic axis) used for export and parity; the first one is the export example
+    parity_lengths: Tuple[int, ...] = ()
+    # fp32 ONNX vs the torch module; precision variants have their own, looser, measured-and-reported error
+    fp32_tolerance: ErrorStats = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
+
+    @abstractmethod
+    def build(self, snapshot: Path) -> torch.nn.Module:
+        """The torch module to export, loaded strictly from ``snapshot``; ``forward(*inputs)`` in input order."""
+
+    @abstractmethod
+    def example_inputs(self, module: torch.nn.Module, length: int, seed: int) -> Tuple[torch.Tensor, ...]:
+        """Seeded inputs at ``length`` along the main dynamic axis, in ``input_names`` order."""
+
+    @abstractmethod
+    def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
+        """min / opt / max shape of every input, for TensorRT."""
+
+    def dynamic_shapes(self, module: torch.nn.Module) -> Tuple[Dict[int, torch.export.Dim], ...]:
+        """torch.export dims, derived from ``dynamic_axes`` and the profile bounds."""
+        prof = self.profiles(module)
+        dims: Dict[str, torch.export.Dim] = {}
+        shapes = []
+        for name in self.input_names:
+            spec = {}
+            for axis, label in self.dynamic_axes.get(name, {}).items():
+                if label not in dims:
+                    dims[label] = torch.export.Dim(label, min=prof[name].min[axis], max=prof[name].max[axis])
+                spec[axis] = dims[label]
+            shapes.append(spec)
+        return tuple(shapes)
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    fp32_error: ErrorStats
+    seconds: float
+
+
+def run_torch(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> List[np.ndarray]:
+    with torch.inference_mode():
+        out = module(*inputs)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outs]
+
+
+def run_onnx(path: Path, spec: GraphSpec, inputs: Sequence[torch.Tensor], threads: int = 1) -> List[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    return sess.run(list(spec.output_names), {n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+
+
+def compare(spec: GraphSpec, got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> ErrorStats:
+    """Worst error over the floating-point outputs; integer outputs (token ids) must match exactly."""
+    worst = ErrorStats(0.0, 0.0)
+    for name, g, r in zip(spec.output_names, got, ref):
+        if np.issubdtype(r.dtype, np.integer):
+            if not np.array_equal(g, r):
+                raise AssertionError(f"{spec.name}.{name}: integer output differs in {int((g != r).sum())} places")
+            continue
+        worst = worst.worst(ErrorStats.of(g, r))
+    return worst
+
+
+def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int = 0) -> ExportResult:
+    """Exports ``module`` to ``path`` (single file, no external data), checks it, and measures fp32 parity at
+    every parity length. Raises AssertionError if the fp32 graph is outside ``spec.fp32_tolerance``."""
+    import onnx
+
+    start = time.perf_counter()
+    module = module.eval()
+    example = spec.example_inputs(module, spec.parity_lengths[0], seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter is chatty about things that do not concern us
+        torch.onnx.export(
+            module, tuple(example), str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
+            dynamic_shapes=spec.dynamic_shapes(module), opset_version=OPSET, dynamo=True, external_data=False,
+            optimize=True,
+        )
+    onnx.checker.check_model(str(path), full_check=True)
+    worst = ErrorStats(0.0, 0.0)
+    for i, length in enumerate(spec.parity_lengths):
+        inputs = spec.example_inputs(module, length, seed + i)
+        err = compare(spec, run_onnx(path, spec, inputs), run_torch(module, inputs))
+        log.info("%s fp32 at length %d: max_abs %.2e rel_l2 %.2e", spec.name, length, err.max_abs, err.rel_l2)
+        worst = worst.worst(err)
+    if not worst.within(spec.fp32_tolerance):
+        raise AssertionError(f"{spec.name}: fp32 ONNX differs from the reference by {worst} (tolerance {spec.fp32_tolerance})")
+    return ExportResult(path, worst, time.perf_counter() - start)

@@ -1,0 +1,76 @@
+"""Precision variants of an exported fp32 ONNX graph, written by ONNX Runtime's own tools:
+
+- ``fp16``: ``onnxruntime.transformers.float16`` with fp32 I/O kept (a GPU format: on CPU ONNX Runtime inserts
+  casts and runs fp32, so only its numerics are measured here);
+- ``int8_dynamic``: ``quantize_dynamic`` — uint8 weights (the int8 u8s8 path saturates on CPUs without VNNI),
+  activations quantized on the fly;
+- ``int8_qdq``: ``quantize_static`` in QDQ format, calibrated on inputs from real speech; int8 weights per
+  channel with a reduced range, uint8 activations. TensorRT builds int8 engines from these scales.
+
+Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
+the manifest."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
+# Ops whose weights int8 quantization touches; Conv covers the vocoder and the Whisper front convs.
+_QUANT_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+class _FeedReader:
+    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: Sequence[Dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[Dict[str, np.ndarray]] = iter(list(feeds))
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        return next(self._it, None)
+
+
+def to_fp16(src: Path, dst: Path) -> Path:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def to_int8_dynamic(src: Path, dst: Path) -> Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, op_types_to_quantize=_QUANT_OPS)
+    return dst
+
+
+def to_int8_qdq(src: Path, dst: Path, calibration: Iterable[Dict[str, np.ndarray]]) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    feeds = list(calibration)
+    if not feeds:
+        raise ValueError(f"{src.name}: static int8 needs calibration inputs, got none")
+    quantize_static(
+        str(src), str(dst), _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+        per_channel=True, reduce_range=True, op_types_to_quantize=_QUANT_OPS,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    return dst
+
+
+def make_variant(precision: str, src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarray]]] = None) -> Path:
+    """Writes the ``precision`` variant of the fp32 graph ``src`` to ``dst``."""
+    if precision == "fp16":
+        return to_fp16(src, dst)
+    if precision == "int8_dynamic":
+        return to_int8_dynamic(src, dst)
+    if precision == "int8_qdq":
+        return to_int8_qdq(src, dst, calibration or [])
+    raise ValueError(f"precision must be one of {PRECISIONS[1:]} (fp32 is the export itself), got {precision!r}")
