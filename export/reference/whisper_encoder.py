@@ -1,0 +1,226 @@
+"""Whisper-large-v3 encoder as Kimi-Audio runs it, and the Kimi continuous-feature path (reference §1.2).
+
+Module and state-dict names follow kimia_infer/models/tokenizer/whisper_Lv3/modeling_whisper.py ``WhisperEncoder``:
+``conv1`` / ``conv2`` (kernel 3, padding 1, stride 1 / 2, exact GELU after each), ``embed_positions`` (learned,
+[max_source_positions, d_model], added in full: the input must be exactly 3000 mel frames), ``layers.{i}`` pre-LN
+blocks (``self_attn.{q,v,out}_proj`` with bias, ``self_attn.k_proj`` without, ``self_attn_layer_norm``, ``fc1``,
+``fc2``, ``final_layer_norm``) and the final ``layer_norm``. Attention is full (non-causal) SDPA with scale
+``head_dim ** -0.5`` (official: flash-attn with the same scale).
+
+Kimi loads ``WhisperModel.from_pretrained(<snapshot>/whisper-large-v3).encoder``: the HF file holds
+``model.encoder.*`` (WhisperForConditionalGeneration) or ``encoder.*`` (WhisperModel.save_pretrained) keys plus the
+decoder, which Kimi never uses; decoder keys are ignored explicitly, everything else must match.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimia_edge.export.checkpoint import CheckpointError, load_strict
+from kimia_edge.export.reference.whisper_frontend import log_mel_torch
+from kimia_edge.runtime import frontend as fe
+from kimia_edge.runtime.audio_encoder_config import (
+    CONV1_STRIDE,
+    CONV2_STRIDE,
+    CONV_KERNEL_SIZE,
+    LAYER_NORM_EPS,
+    WhisperEncoderConfig,
+)
+
+__all__ = [
+    "WhisperAttention",
+    "WhisperEncoderLayer",
+    "WhisperEncoder",
+    "activation",
+    "encoder_state_dict",
+    "load_whisper_encoder",
+    "tokenize_waveform",
+    "extract_whisper_feat",
+    "FRAMES_PER_TOKEN",
+    "ENCODER_PREFIXES",
+    "IGNORED_KEYS",
+]
+
+# 50 Hz encoder frames per 12.5 Hz token: the Kimi path keeps 4 * token_len frames and reshapes [4N, d] -> [N, 4d]
+# (whisper.py tokenize_waveform; prompt_manager.py extract_whisper_feat).
+FRAMES_PER_TOKEN = 4
+# Key prefixes of the encoder in the two HF layouts (see module docstring), tried in this order.
+ENCODER_PREFIXES = ("model.encoder.", "encoder.")
+# Keys of the HF file that Kimi never uses: the decoder (and a stored proj_out, tied to the decoder embedding).
+IGNORED_KEYS = ("model.decoder.*", "decoder.*", "proj_out.weight")
+_CONV_PADDING = 1  # nn.Conv1d(..., kernel_size=3, padding=1) for both convs
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers ``ACT2FN[name]`` for the names the configs allow."""
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    raise ValueError(f"activation_function: unsupported {name!r}")
+
+
+class WhisperAttention(nn.Module):
+    """Multi-head self-attention, [B, T, d] -> [B, T, d]; q/v/out projections with bias, k without."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads: expected a divisor of d_model {d_model}, got {n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=True)
+        self.q_proj = nn.Linear(d_model, d_model, bias=True)
+        self.out_proj = nn.Linear(d_model, d_model, bias=True)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        """``attn_mask``: additive float [B, 1, T, T] (or None). ``is_causal``: plain causal mask instead."""
+        b, t, d = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
+            attn_mask=attn_mask, is_causal=is_causal and attn_mask is None and t > 1,
+            scale=self.head_dim ** -0.5,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class WhisperEncoderLayer(nn.Module):
+    """Pre-LN block: ``x + attn(ln1(x))`` then ``h + fc2(act(fc1(ln2(h))))`` (shared with the GLM VQ encoder)."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn_dim: int, activation_function: str) -> None:
+        super().__init__()
+        self.self_attn = WhisperAttention(d_model, n_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
+        self.fc1 = nn.Linear(d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.final_layer_norm = nn.LayerNorm(d_model, eps=LAYER_NORM_EPS)
+        self.act = activation(activation_function)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        h = x + self.self_attn(self.self_attn_layer_norm(x), attn_mask, is_causal)
+        return h + self.fc2(self.act(self.fc1(self.final_layer_norm(h))))
+
+
+class WhisperEncoder(nn.Module):
+    """Kimi's Whisper encoder: mel [B, 128, 3000] (100 Hz) -> last_hidden_state [B, 1500, d_model] (50 Hz)."""
+
+    def __init__(self, cfg: WhisperEncoderConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, CONV_KERNEL_SIZE, stride=CONV1_STRIDE, padding=_CONV_PADDING)
+        self.conv2 = nn.Conv1d(d, d, CONV_KERNEL_SIZE, stride=CONV2_STRIDE, padding=_CONV_PADDING)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        self.layers = nn.ModuleList(
+            WhisperEncoderLayer(d, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, cfg.activation_function)
+            for _ in range(cfg.encoder_layers)
+        )
+        self.layer_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
+
+    def forward(self, input_features: torch.Tensor) -> torch.Tensor:
+        expected = (self.cfg.num_mel_bins, self.cfg.n_input_frames)
+        if input_features.dim() != 3 or tuple(input_features.shape[1:]) != expected:
+            raise ValueError(f"input_features: expected shape [B, {expected[0]}, {expected[1]}], "
+                             f"got {tuple(input_features.shape)}")
+        x = F.gelu(self.conv1(input_features))
+        x = F.gelu(self.conv2(x)).permute(0, 2, 1)
+        x = x + self.embed_positions.weight  # embed_scale is computed but never applied by the official encoder
+        for layer in self.layers:
+            x = layer(x)
+        return self.layer_norm(x)
+
+
+# ---- checkpoint mapping -------------------------------------------------------------------------------------------
+class _RenamedView(Mapping):
+    """Read-only view of a state dict with the encoder prefix stripped; values are fetched lazily."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], rename: Dict[str, str]) -> None:
+        self._source = source
+        self._rename = rename  # new key -> source key
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._source[self._rename[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rename)
+
+    def __len__(self) -> int:
+        return len(self._rename)
+
+
+def encoder_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str) -> Mapping[str, torch.Tensor]:
+    """Maps an HF Whisper state dict to the encoder's names: strips ``model.encoder.`` or ``encoder.`` (one layout per
+    file) and keeps every other key unchanged, so that ``load_strict`` ignores the decoder by ``IGNORED_KEYS`` and
+    reports anything else as unexpected."""
+    keys = list(state_dict.keys())
+    used = [p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in keys)]
+    if not used:
+        raise CheckpointError(f"{source}: no encoder keys (expected a prefix in {ENCODER_PREFIXES}); "
+                              f"first keys: {sorted(keys)[:5]}")
+    if len(used) > 1:
+        raise CheckpointError(f"{source}: mixed encoder key layouts {used}; expected exactly one")
+    prefix = used[0]
+    rename = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in keys}
+    return _RenamedView(state_dict, rename)
+
+
+def load_whisper_encoder(snapshot_dir: Path, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
+    """Builds the encoder from ``<snapshot_dir>/whisper-large-v3`` and loads it strictly (decoder ignored).
+    The official F16 values are upcast exactly; Kimi itself then runs in bf16 (pass ``dtype=torch.bfloat16``)."""
+    from kimia_edge.export.snapshot.audio_encoders import WHISPER_DIR, read_whisper_encoder
+
+    cfg, state_dict = read_whisper_encoder(Path(snapshot_dir))
+    source = str(Path(snapshot_dir) / WHISPER_DIR)
+    module = WhisperEncoder(cfg)
+    load_strict(module, encoder_state_dict(state_dict, source=source), source=source, ignore=IGNORED_KEYS)
+    return module.to(dtype).eval()
+
+
+# ---- Kimi continuous-feature path ---------------------------------------------------------------------------------
+@torch.no_grad()
+def encode_segments(encoder: WhisperEncoder, samples_16k: np.ndarray) -> Sequence[Tuple[int, torch.Tensor]]:
+    """Per 30 s segment: (token_len, last_hidden_state [1, 1500, d]) in the encoder's dtype (mel computed in fp32
+    on the segment padded/trimmed to 480 000 samples, then cast, as whisper.py does)."""
+    param = next(encoder.parameters())
+    out = []
+    for segment in fe.segment_30s(np.asarray(samples_16k, dtype=np.float32)):
+        token_len = fe.tokens_for_samples(segment.shape[0])
+        mel = log_mel_torch(torch.from_numpy(fe.pad_or_trim(segment)), encoder.cfg.num_mel_bins)
+        out.append((token_len, encoder(mel[None].to(param.device, param.dtype))))
+    return out
+
+
+@torch.no_grad()
+def tokenize_waveform(encoder: WhisperEncoder, samples_16k: np.ndarray) -> torch.Tensor:
+    """``WhisperEncoder.tokenize_waveform``: 16 kHz audio [S] -> [1, 4N, d] (the first 4 * token_len 50 Hz frames of
+    each 30 s segment, concatenated). N = sum over segments of ceil(len / 1280)."""
+    parts = [h[:, : token_len * FRAMES_PER_TOKEN] for token_len, h in encode_segments(encoder, samples_16k)]
+    if not parts:
+        raise ValueError("samples_16k: expected at least one sample, got an empty signal")
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def extract_whisper_feat(encoder: WhisperEncoder, samples_16k: np.ndarray) -> torch.Tensor:
+    """``KimiAPromptManager.extract_whisper_feat``: [1, 4N, d] -> [1, N, 4d] by a pure reshape
+    (feature t = concat of 50 Hz frames 4t .. 4t+3)."""
+    frames = tokenize_waveform(encoder, samples_16k)
+    b, t, d = frames.shape
+    return frames.reshape(b, t // FRAMES_PER_TOKEN, d * FRAMES_PER_TOKEN)
