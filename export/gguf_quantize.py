@@ -1,0 +1,127 @@
+"""Quantized variants of the LLM GGUF files, made by llama.cpp's own quantizer (`llama_model_quantize`).
+
+Input: the F32 (or F16) export of ``gguf_export`` (trunk + audio; the adaptor is F32 numpy-side and copied as is).
+Output: ``<out_dir>/llm_trunk.gguf``, ``llm_audio.gguf`` (+ ``llm_adaptor.gguf``) at one of ``QUANT_TYPES``.
+The quantizer keeps every metadata key (our ``kimia.*`` ones included) and, for the audio file whose head is the
+tied ``token_embd``, quantizes that tensor as an output head (llama.cpp's rule for models without ``output``).
+
+K-quants need rows that are multiples of 256 values (else llama.cpp falls back to a legacy type per tensor) and
+Q8_0 rows that are multiples of 32 (else F16): a tiny test model therefore ends up partly unquantized.
+
+The quantizer runs in a child process by default: a llama.cpp ``GGML_ASSERT`` aborts the whole process
+(environment notes), and the parent should survive a bad input.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+__all__ = ["QUANT_TYPES", "TENSOR_TYPES", "quantize_gguf", "quantize_llm", "QuantizeError"]
+
+# name -> llama_ftype (llama.h enum llama_ftype)
+QUANT_TYPES: Dict[str, int] = {
+    "F16": 1,       # LLAMA_FTYPE_MOSTLY_F16
+    "Q8_0": 7,      # LLAMA_FTYPE_MOSTLY_Q8_0
+    "Q6_K": 18,     # LLAMA_FTYPE_MOSTLY_Q6_K
+    "Q5_K_M": 17,   # LLAMA_FTYPE_MOSTLY_Q5_K_M
+    "Q4_K_M": 15,   # LLAMA_FTYPE_MOSTLY_Q4_K_M
+}
+# name -> ggml_type (ggml.h enum ggml_type), for output_tensor_type / token_embedding_type overrides
+TENSOR_TYPES: Dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+_FILES = ("llm_trunk.gguf", "llm_audio.gguf")
+_ADAPTOR = "llm_adaptor.gguf"
+
+
+class QuantizeError(RuntimeError):
+    """llama_model_quantize failed (or its process died)."""
+
+
+def _quantize_inprocess(src: str, dst: str, ftype: int, output_type: Optional[int], embedding_type: Optional[int],
+                        nthread: int) -> int:
+    import llama_cpp as llama
+
+    llama.llama_backend_init()
+    p = llama.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = nthread
+    if output_type is not None:
+        p.output_tensor_type = output_type
+    if embedding_type is not None:
+        p.token_embedding_type = embedding_type
+    return int(llama.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
+
+
+def quantize_gguf(src: Path, dst: Path, qtype: str, *, output_type: Optional[str] = None,
+                  token_embedding_type: Optional[str] = None, nthread: int = 0, isolate: bool = True) -> Path:
+    """Quantizes one llama.cpp GGUF ``src`` to ``dst`` at ``qtype`` (a key of QUANT_TYPES).
+
+    output_type / token_embedding_type: keep ``output`` / ``token_embd`` at their own type (a key of TENSOR_TYPES,
+    e.g. "Q8_0" or "F16"); None = llama.cpp's rule for the ftype. isolate: run in a child process."""
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"qtype: expected one of {sorted(QUANT_TYPES)}, got {qtype!r}")
+    for name, v in (("output_type", output_type), ("token_embedding_type", token_embedding_type)):
+        if v is not None and v not in TENSOR_TYPES:
+            raise ValueError(f"{name}: expected one of {sorted(TENSOR_TYPES)}, got {v!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise FileNotFoundError(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".part")
+    args = (str(src), str(tmp), QUANT_TYPES[qtype],
+            None if output_type is None else TENSOR_TYPES[output_type],
+            None if token_embedding_type is None else TENSOR_TYPES[token_embedding_type], nthread)
+    if isolate:
+        code = ("import json,sys;from kimia_edge.export.gguf_quantize import _quantize_inprocess as q;"
+                "sys.exit(q(*json.loads(sys.argv[1])))")
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+        rc = proc.returncode
+        detail = (proc.stderr or "").strip().splitlines()[-5:]
+    else:
+        rc = _quantize_inprocess(*args)
+        detail = []
+    if rc != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise QuantizeError(f"{src} -> {qtype}: llama_model_quantize failed (exit {rc}) " + " | ".join(detail))
+    tmp.replace(dst)
+    return dst
+
+
+def quantize_llm(export_dir: Path, out_dir: Path, qtype: str, *, output_type: Optional[str] = None,
+                 token_embedding_type: Optional[str] = None, nthread: int = 0) -> Dict[str, Path]:
+    """Quantizes the trunk and audio GGUFs of ``export_dir`` into ``out_dir``; copies the F32 adaptor."""
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    if export_dir.resolve() == out_dir.resolve():
+        raise ValueError("out_dir must differ from export_dir (same file names)")
+    out: Dict[str, Path] = {}
+    for name in _FILES:
+        out[name.split("_")[1].split(".")[0]] = quantize_gguf(
+            export_dir / name, out_dir / name, qtype, output_type=output_type,
+            token_embedding_type=token_embedding_type, nthread=nthread)
+    if (export_dir / _ADAPTOR).exists():
+        out["adaptor"] = Path(shutil.copy2(export_dir / _ADAPTOR, out_dir / _ADAPTOR))
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Quantize the Kimi-Audio LLM GGUF files with llama.cpp")
+    p.add_argument("export_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--type", dest="qtype", choices=sorted(QUANT_TYPES), default="Q4_K_M")
+    p.add_argument("--output-type", choices=sorted(TENSOR_TYPES))
+    p.add_argument("--token-embedding-type", choices=sorted(TENSOR_TYPES))
+    a = p.parse_args(argv)
+    files = quantize_llm(a.export_dir, a.out_dir, a.qtype, output_type=a.output_type,
+                         token_embedding_type=a.token_embedding_type)
+    print(json.dumps({k: str(v) for k, v in files.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

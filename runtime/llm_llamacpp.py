@@ -1,0 +1,478 @@
+"""`LlamaCppBackend`: the dual-head Kimi-Audio LLM on llama.cpp (llama-cpp-python low-level API), torch-free.
+
+Files (written by ``export/gguf_export.py``): ``llm_trunk.gguf`` (qwen2, all main layers + norm + lm_head),
+``llm_audio.gguf`` (qwen2 with the MIMO layers; mimo_norm as output_norm, mimo_output as the tied head) and
+``llm_adaptor.gguf`` (the continuous-feature adaptor, read with ``gguf.GGUFReader``). All hyper-parameters come from
+the files' metadata (``kimia.*`` keys), so no snapshot is needed.
+
+Per decode call (mechanism "A", chosen in bench/llm_mechanisms.py):
+1. inputs_embeds are built here in numpy, exactly as the reference (reference §1.5): rows of ``token_embd`` read on
+   demand from the memory-mapped trunk file (dequantized for quantized types), audio + text embeddings, adaptor(
+   features) added and scaled by sqrt(2) at continuous positions, the text embedding skipped when the text ids sum
+   to 0 (official quirk).
+2. the trunk decodes them (``llama_batch.embd``); a ``cb_eval`` callback copies ``l_out-{fork}`` (the output of main
+   layer ``fork``, [T, hidden]) to host memory; text logits come from the trunk's head.
+3. the audio model decodes the captured hidden states at the same positions; its logits are the audio logits.
+
+Why A (one trunk file + cb_eval) and not B (trunk split at the fork into two files): a qwen2 GGUF's only output
+is after output_norm, so B's first part still needs the same callback; measured per step (bench/llm_mechanisms.py,
+small snapshot, 2 cores) A and B cost the same within 1 % (F16 30.6 vs 30.3 ms, Q4_K_M 17.3 vs 17.2 ms; the Python
+callback itself costs ~0.3-0.5 ms/step). B only wins once the text stream has ended (it can skip layers fork+1..N-1;
+18.5 vs 20.1 ms F16) but needs a third file with a dummy 1-row head, one more decode call per step, and a KV backfill
+of the skipped text tail before the next turn. A keeps a stock, self-contained text model and skips only the
+trunk's head when the text has ended (``step(..., text_logits=False)``).
+
+Both models keep their own KV cache (sequence 0) in step. Exact-parity settings (flash attention off, F32 KV
+cache) are the ``exact=True`` option. The callback leans on the ggml ABI (``ggml_get_name``, ``ggml_nbytes``,
+``ggml_nelements``, ``ggml_backend_tensor_get`` in libggml-base) and on llama.cpp's tensor names (``l_out-<il>``):
+pin the llama-cpp-python version (tested with 0.3.36).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+import gguf
+import llama_cpp as llama
+
+__all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
+           "FeatureAdaptor",
+           "LlamaCppError"]
+
+log = logging.getLogger(__name__)
+
+# Metadata keys written by export/gguf_export.py (kept in sync by tests/test_gguf_backend.py).
+_K = {
+    "role": "kimia.role", "fork": "kimia.fork_layer", "main_layers": "kimia.main_layers",
+    "mimo_layers": "kimia.mimo_layers", "token_offset": "kimia.token_offset", "vocab_size": "kimia.vocab_size",
+    "hidden_size": "kimia.hidden_size", "adaptor_input_dim": "kimia.adaptor_input_dim",
+    "adaptor_eps": "kimia.adaptor_layer_norm_eps", "feature_scale": "kimia.continuous_feature_scale",
+    "use_whisper_feature": "kimia.use_whisper_feature", "context_length": "qwen2.context_length",
+}
+_GGML_TYPE_F32 = 0  # ggml_type enum value of F32 (ggml.h), used for the F32 KV cache of the exact mode
+
+
+class LlamaCppError(RuntimeError):
+    """llama.cpp refused a model, a context or a decode call."""
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+def _field(reader: gguf.GGUFReader, key: str, source: str):
+    f = reader.fields.get(key)
+    if f is None:
+        raise ValueError(f"{source}: missing GGUF metadata key {key!r} (export with export/gguf_export.py)")
+    return f.contents()
+
+
+@dataclass(frozen=True)
+class GGUFModelInfo:
+    """The dims and constants the backend needs, from the trunk GGUF's metadata."""
+
+    hidden_size: int
+    vocab_size: int
+    fork_layer: int
+    main_layers: int
+    mimo_layers: int
+    token_offset: int
+    adaptor_input_dim: int
+    adaptor_eps: float
+    feature_scale: float
+    use_whisper_feature: bool
+    context_length: int
+
+    def validate(self) -> None:
+        if not 0 <= self.fork_layer < self.main_layers - 1:
+            raise ValueError(f"fork_layer={self.fork_layer}: expected in [0, main_layers-1={self.main_layers - 1})")
+        for name in ("hidden_size", "vocab_size", "main_layers", "context_length"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: expected > 0")
+
+
+def read_model_info(reader: gguf.GGUFReader, source: str) -> GGUFModelInfo:
+    """Reads :class:`GGUFModelInfo` from a trunk GGUF (role must be "trunk")."""
+    role = _field(reader, _K["role"], source)
+    if role != "trunk":
+        raise ValueError(f"{source}: expected a trunk GGUF (kimia.role='trunk'), got {role!r}")
+    info = GGUFModelInfo(
+        hidden_size=int(_field(reader, _K["hidden_size"], source)),
+        vocab_size=int(_field(reader, _K["vocab_size"], source)),
+        fork_layer=int(_field(reader, _K["fork"], source)),
+        main_layers=int(_field(reader, _K["main_layers"], source)),
+        mimo_layers=int(_field(reader, _K["mimo_layers"], source)),
+        token_offset=int(_field(reader, _K["token_offset"], source)),
+        adaptor_input_dim=int(_field(reader, _K["adaptor_input_dim"], source)),
+        adaptor_eps=float(_field(reader, _K["adaptor_eps"], source)),
+        feature_scale=float(_field(reader, _K["feature_scale"], source)),
+        use_whisper_feature=bool(_field(reader, _K["use_whisper_feature"], source)),
+        context_length=int(_field(reader, _K["context_length"], source)),
+    )
+    info.validate()
+    return info
+
+
+def _tensor(reader: gguf.GGUFReader, name: str, source: str):
+    for t in reader.tensors:
+        if t.name == name:
+            return t
+    raise ValueError(f"{source}: tensor {name!r} not found")
+
+
+def _as_f32(t) -> np.ndarray:
+    """Whole tensor as float32 in numpy (out, in) order."""
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return np.asarray(t.data, dtype=np.float32)
+    return gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32, copy=False)
+
+
+class EmbeddingTable:
+    """Rows of ``token_embd`` read on demand from the memory-mapped GGUF: [n] ids -> [n, hidden] float32."""
+
+    def __init__(self, reader: gguf.GGUFReader, source: str, hidden: int) -> None:
+        t = _tensor(reader, "token_embd.weight", source)
+        self._data = t.data  # memmap: [rows, hidden] (F32/F16) or [rows, bytes] (quantized)
+        self._type = t.tensor_type
+        self.rows = int(t.shape[-1])  # GGUF shape is (in, out)
+        self.hidden = hidden
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.rows):
+            raise ValueError(f"token ids: expected in [0, {self.rows}), got range [{ids.min()}, {ids.max()}]")
+        raw = self._data[ids]
+        if self._type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return np.asarray(raw, dtype=np.float32).reshape(len(ids), self.hidden)
+        return gguf.quants.dequantize(np.asarray(raw), self._type).astype(np.float32).reshape(len(ids), self.hidden)
+
+
+class FeatureAdaptor:
+    """The VQ adaptor in numpy (reference §1.2): Linear(D->H)+b, SiLU, Linear(H->H)+b, LayerNorm(eps, affine).
+    Weights from ``llm_adaptor.gguf``; input [n, D] float32 -> [n, H] float32."""
+
+    def __init__(self, path: Path, eps: float) -> None:
+        reader = gguf.GGUFReader(str(path))
+        src = str(path)
+        role = _field(reader, _K["role"], src)
+        if role != "adaptor":
+            raise ValueError(f"{src}: expected an adaptor GGUF (kimia.role='adaptor'), got {role!r}")
+        self.w1 = _as_f32(_tensor(reader, "adaptor.fc1.weight", src))
+        self.b1 = _as_f32(_tensor(reader, "adaptor.fc1.bias", src))
+        self.w2 = _as_f32(_tensor(reader, "adaptor.fc2.weight", src))
+        self.b2 = _as_f32(_tensor(reader, "adaptor.fc2.bias", src))
+        self.gamma = _as_f32(_tensor(reader, "adaptor.norm.weight", src))
+        self.beta = _as_f32(_tensor(reader, "adaptor.norm.bias", src))
+        self.eps = np.float32(eps)
+        self.input_dim = self.w1.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.input_dim:
+            raise ValueError(f"features: expected [n, {self.input_dim}], got {x.shape}")
+        h = x @ self.w1.T + self.b1
+        h = h / (np.float32(1.0) + np.exp(-h))  # SiLU
+        h = h @ self.w2.T + self.b2
+        mu = h.mean(-1, keepdims=True)
+        var = ((h - mu) ** 2).mean(-1, keepdims=True)
+        return (h - mu) / np.sqrt(var + self.eps) * self.gamma + self.beta
+
+
+# ------------------------------------------------------------------------------------------- llama.cpp glue
+def _ggml_base() -> ctypes.CDLL:
+    lib_dir = Path(llama.__file__).resolve().parent / "lib"
+    candidates = sorted(lib_dir.glob("libggml-base.*"))
+    if not candidates:
+        raise LlamaCppError(f"libggml-base not found in {lib_dir}")
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_nelements.restype = ctypes.c_int64
+    lib.ggml_nelements.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+_GGML: Optional[ctypes.CDLL] = None
+_BACKEND_READY = False
+
+
+def _forward_log(level: int, text: bytes, user_data) -> None:
+    # llama.cpp's own levels: 2 = WARN, 3 = ERROR (ggml_log_level); everything else stays quiet
+    if level in (2, 3) and text:
+        log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+_LOG_CB = llama.llama_log_callback(_forward_log)
+
+
+def _init_backend() -> ctypes.CDLL:
+    global _GGML, _BACKEND_READY
+    if not _BACKEND_READY:
+        if not os.environ.get("KIMIA_LLAMA_VERBOSE"):
+            llama.llama_log_set(_LOG_CB, None)
+        llama.llama_backend_init()
+        _BACKEND_READY = True
+    if _GGML is None:
+        _GGML = _ggml_base()
+    return _GGML
+
+
+class HiddenCapture:
+    """cb_eval callback that copies one named graph tensor (e.g. ``l_out-21``) to host memory, per ubatch."""
+
+    def __init__(self, ggml: ctypes.CDLL, name: str, width: int) -> None:
+        self._ggml = ggml
+        self.name = name.encode()
+        self.width = width
+        self.chunks: List[np.ndarray] = []
+        self.error: Optional[str] = None
+        self.callback = llama.ggml_backend_sched_eval_callback(self._on_eval)
+
+    def _on_eval(self, tensor, ask, user_data) -> bool:
+        if self._ggml.ggml_get_name(tensor) != self.name:
+            return False if ask else True
+        if ask:
+            return True
+        n = self._ggml.ggml_nelements(tensor)
+        nbytes = self._ggml.ggml_nbytes(tensor)
+        if nbytes != 4 * n or n % self.width:
+            self.error = f"{self.name.decode()}: expected float32 [*, {self.width}], got {nbytes} bytes / {n} elements"
+            return True
+        buf = np.empty((n // self.width, self.width), dtype=np.float32)
+        self._ggml.ggml_backend_tensor_get(tensor, buf.ctypes.data, 0, nbytes)
+        self.chunks.append(buf)
+        return True
+
+    def take(self) -> np.ndarray:
+        if self.error is not None:
+            err, self.error = self.error, None
+            self.chunks.clear()
+            raise LlamaCppError(err)
+        out = self.chunks[0] if len(self.chunks) == 1 else np.concatenate(self.chunks, axis=0)
+        self.chunks = []
+        return out
+
+
+class LlamaModel:
+    """One GGUF model + one context (sequence 0) fed with embeddings; owns its native resources (``close()``)."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int, exact: bool,
+                 capture: Optional[HiddenCapture] = None) -> None:
+        _init_backend()
+        self.path = Path(path)
+        mp = llama.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self._model = llama.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self._model:
+            raise LlamaCppError(f"{self.path}: llama.cpp could not load the model (set KIMIA_LLAMA_VERBOSE=1)")
+        self.n_embd = int(llama.llama_model_n_embd(self._model))
+        self.n_vocab = int(llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model)))
+        cp = llama.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_batch
+        cp.n_seq_max = 1
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
+        cp.no_perf = True
+        if exact:
+            cp.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            cp.type_k = _GGML_TYPE_F32
+            cp.type_v = _GGML_TYPE_F32
+        self.capture = capture
+        if capture is not None:
+            cp.cb_eval = capture.callback
+        self._ctx = llama.llama_init_from_model(self._model, cp)
+        if not self._ctx:
+            llama.llama_model_free(self._model)
+            self._model = None
+            raise LlamaCppError(f"{self.path}: llama.cpp could not create a context (n_ctx={n_ctx})")
+        self.n_batch = n_batch
+        self._batch = llama.llama_batch_init(n_batch, self.n_embd, 1)
+        self._mem = llama.llama_get_memory(self._ctx)
+
+    def clear(self) -> None:
+        """Empties the KV cache."""
+        llama.llama_memory_clear(self._mem, True)
+
+    def decode(self, embeds: np.ndarray, pos0: int, want_logits: bool) -> Optional[np.ndarray]:
+        """Runs [T, n_embd] embeddings at positions pos0..pos0+T-1 (split into n_batch chunks); returns the last
+        position's logits [n_vocab] (copy) when ``want_logits``, else None (no output row is computed)."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        t = embeds.shape[0]
+        if embeds.ndim != 2 or embeds.shape[1] != self.n_embd:
+            raise ValueError(f"embeddings: expected [T, {self.n_embd}], got {embeds.shape}")
+        b = self._batch
+        for s in range(0, t, self.n_batch):
+            n = min(self.n_batch, t - s)
+            last_chunk = s + n == t
+            ctypes.memmove(b.embd, embeds[s:s + n].ctypes.data, n * self.n_embd * 4)
+            for i in range(n):
+                b.pos[i] = pos0 + s + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = 1 if (want_logits and last_chunk and i == n - 1) else 0
+            b.n_tokens = n
+            rc = llama.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise LlamaCppError(f"{self.path.name}: llama_decode returned {rc} at positions "
+                                    f"{pos0 + s}..{pos0 + s + n - 1}")
+        if not want_logits:
+            return None
+        ptr = llama.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama.llama_model_free(self._model)
+            self._model = None
+
+
+# ------------------------------------------------------------------------------------------------ backend
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+class LlamaCppBackend:
+    """`LLMBackend` on llama.cpp: prefill / step / reset, plus ``append`` (multi-turn: continue the cache).
+
+    trunk_path / audio_path / adaptor_path: the GGUF files (audio and adaptor may be None: text_only mode / no
+    continuous features). n_ctx: KV positions per model. n_batch: tokens per llama_decode call (longer prompts are
+    split). exact: flash attention off and F32 KV cache (parity tests). text_only: the audio model is never loaded
+    nor run (audio logits are returned empty, shape [0]). feature_scale: overrides the sqrt(2) stored in the file
+    (the file holds the value in the snapshot dtype, bf16 1.4140625; an fp32 reference uses 1.4142135).
+    """
+
+    def __init__(self, trunk_path: Path, audio_path: Optional[Path] = None, adaptor_path: Optional[Path] = None, *,
+                 n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
+                 exact: bool = False, text_only: bool = False, feature_scale: Optional[float] = None) -> None:
+        ggml = _init_backend()
+        trunk_path = Path(trunk_path)
+        reader = gguf.GGUFReader(str(trunk_path))
+        self.info = read_model_info(reader, str(trunk_path))
+        if n_ctx > self.info.context_length:
+            raise ValueError(f"n_ctx={n_ctx}: expected <= the model's context length {self.info.context_length}")
+        if audio_path is None and not text_only:
+            raise ValueError("audio_path is required unless text_only=True")
+        n_threads = n_threads or max(1, os.cpu_count() or 1)
+        self.text_only = text_only
+        self.feature_scale = np.float32(self.info.feature_scale if feature_scale is None else feature_scale)
+        self.embed = EmbeddingTable(reader, str(trunk_path), self.info.hidden_size)
+        self.adaptor = FeatureAdaptor(Path(adaptor_path), self.info.adaptor_eps) if adaptor_path is not None else None
+        self._models: List[LlamaModel] = []
+        common = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
+        try:
+            self.capture = None if text_only else HiddenCapture(ggml, f"l_out-{self.info.fork_layer}",
+                                                                self.info.hidden_size)
+            self.trunk = LlamaModel(trunk_path, capture=self.capture, **common)
+            self._models.append(self.trunk)
+            self.audio: Optional[LlamaModel] = None
+            if not text_only:
+                self.audio = LlamaModel(Path(audio_path), **common)
+                self._models.append(self.audio)
+                if self.audio.n_embd != self.trunk.n_embd:
+                    raise ValueError(f"{audio_path}: n_embd {self.audio.n_embd} != trunk {self.trunk.n_embd}")
+        except Exception:
+            self.close()
+            raise
+        self.n_ctx = n_ctx
+        self._position = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Frees both llama.cpp models and contexts."""
+        for m in getattr(self, "_models", []):
+            m.close()
+        self._models = []
+
+    def __enter__(self) -> "LlamaCppBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def position(self) -> int:
+        """Next position id (= positions in both KV caches)."""
+        return self._position
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def embed_inputs(self, audio_ids: np.ndarray, text_ids: np.ndarray, features: Optional[np.ndarray],
+                     continuous_mask: Optional[np.ndarray]) -> np.ndarray:
+        """[T, hidden] inputs_embeds, the reference rule (§1.5). features: [n, adaptor_input_dim] raw Whisper
+        features (12.5 Hz, 4 frames concatenated), one row per True of continuous_mask [T]."""
+        audio_ids = np.asarray(audio_ids, dtype=np.int64).reshape(-1)
+        text_ids = np.asarray(text_ids, dtype=np.int64).reshape(-1)
+        if audio_ids.shape != text_ids.shape:
+            raise ValueError(f"audio_ids {audio_ids.shape} and text_ids {text_ids.shape} must have equal length")
+        x = self.embed(audio_ids)
+        if features is not None:
+            if self.adaptor is None:
+                raise ValueError("features given but the backend has no adaptor (adaptor_path=None)")
+            if continuous_mask is None:
+                raise ValueError("features need continuous_mask")
+            mask = np.asarray(continuous_mask, dtype=bool).reshape(-1)
+            if mask.shape != audio_ids.shape:
+                raise ValueError(f"continuous_mask: expected shape {audio_ids.shape}, got {mask.shape}")
+            n = int(mask.sum())
+            features = np.asarray(features, dtype=np.float32)
+            if features.shape != (n, self.adaptor.input_dim):
+                raise ValueError(f"features: expected [{n}, {self.adaptor.input_dim}], got {features.shape}")
+            x[mask] = (x[mask] + self.adaptor(features)) * self.feature_scale
+        if int(text_ids.sum()) != 0:  # official quirk: text ids summing to 0 skip the text embedding
+            x = x + self.embed(text_ids)
+        return x
+
+    # ---- decoding -------------------------------------------------------------------------------------------
+    def _decode(self, x: np.ndarray, text_logits: bool, audio_logits: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        t = x.shape[0]
+        if self._position + t > self.n_ctx:
+            raise ValueError(f"context full: {self._position} + {t} positions > n_ctx={self.n_ctx}")
+        pos0 = self._position
+        text = self.trunk.decode(x, pos0, want_logits=text_logits)
+        audio = _EMPTY
+        if self.audio is not None:
+            hidden = self.capture.take()
+            if hidden.shape[0] != t:
+                raise LlamaCppError(f"captured {hidden.shape[0]} rows of l_out-{self.info.fork_layer}, expected {t}")
+            audio = self.audio.decode(hidden, pos0, want_logits=audio_logits)
+        self._position += t
+        return (text if text is not None else _EMPTY), (audio if audio is not None else _EMPTY)
+
+    def reset(self) -> None:
+        for m in self._models:
+            m.clear()
+        if self.capture is not None:
+            self.capture.chunks = []
+        self._position = 0
+
+    def prefill(self, audio_ids: np.ndarray, text_ids: np.ndarray, features: Optional[np.ndarray],
+                continuous_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Resets, then runs the prompt at positions 0..L-1; returns last-position (text, audio) logits [V]."""
+        self.reset()
+        return self.append(audio_ids, text_ids, features, continuous_mask)
+
+    def append(self, audio_ids: np.ndarray, text_ids: np.ndarray, features: Optional[np.ndarray] = None,
+               continuous_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Multi-turn: runs more prompt positions after the cached ones (no reset); same arguments as prefill."""
+        x = self.embed_inputs(audio_ids, text_ids, features, continuous_mask)
+        if x.shape[0] == 0:
+            raise ValueError("expected at least one position")
+        return self._decode(x, text_logits=True)
+
+    def step(self, audio_id: int, text_id: int, *, text_logits: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """Feeds one (audio, text) pair at the next position; returns (text, audio) logits [V] (empty [0] arrays
+        for a head that was not run: text_logits=False skips the trunk's head, e.g. once the text stream ended;
+        text_only never runs the audio model)."""
+        x = self.embed_inputs(np.array([audio_id]), np.array([text_id]), None, None)
+        return self._decode(x, text_logits=text_logits)

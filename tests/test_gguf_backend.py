@@ -1,0 +1,268 @@
+"""GGUF export + llama.cpp backend vs the PyTorch reference (fp32), on generated random-weight snapshots.
+
+Tolerance: both heads' logits agree to LOGIT_ATOL (absolute, on logits of magnitude ~1-10) at every position; the
+F32 GGUF with exact settings (flash attention off, F32 KV cache) measured ~2e-6 on the tiny snapshot."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gguf
+from kimia_edge.export.gguf_export import (ADAPTOR_FILE, AUDIO_FILE, KIMIA_KEYS, TRUNK_FILE, export_llm_gguf,
+                                           gguf_component_bytes)
+from kimia_edge.export.gguf_quantize import quantize_llm
+from kimia_edge.export.reference.llm import MoonshotKimia, continuous_feature_scale
+from kimia_edge.export.reference.llm_backend import TorchLLMBackend
+from kimia_edge.export.snapshot.llm import write_llm
+from kimia_edge.runtime import llm_llamacpp
+from kimia_edge.runtime.llm_backend import LLMBackend
+from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
+
+LOGIT_ATOL = 5e-5       # F32 GGUF, exact settings vs fp32 torch (measured ~2e-6)
+GREEDY_STEPS = 40
+SEED = 1234
+FP32_SQRT2 = float(continuous_feature_scale(torch.float32))
+
+
+def _export(tmp: Path, size: str, precision: str = "f32"):
+    snap = tmp / f"snap_{size}"
+    write_llm(snap, size, SEED)
+    res = export_llm_gguf(snap, tmp / f"gguf_{size}_{precision}", precision)
+    return snap, res
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("gguf_tiny")
+    snap, res = _export(tmp, "tiny")
+    model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    return snap, res, model
+
+
+def _backend(res, **kw) -> LlamaCppBackend:
+    kw.setdefault("n_ctx", 256)
+    kw.setdefault("n_threads", 1)
+    kw.setdefault("exact", True)
+    kw.setdefault("feature_scale", FP32_SQRT2)  # the fp32 reference computes sqrt(2) in fp32
+    return LlamaCppBackend(res.trunk, res.audio, res.adaptor, **kw)
+
+
+def _prompt(cfg, rng, length: int = 14, n_cont: int = 6):
+    """Random aligned streams with a continuous (feature) span, as the prompt builder lays them out."""
+    audio = rng.integers(cfg.kimia_token_offset, cfg.vocab_size, length)
+    text = rng.integers(1, cfg.kimia_token_offset, length)
+    mask = np.zeros(length, dtype=bool)
+    mask[3:3 + n_cont] = True
+    feats = rng.standard_normal((n_cont, cfg.kimia_adaptor_input_dim)).astype(np.float32)
+    return audio, text, feats, mask
+
+
+def _close(a: np.ndarray, b: np.ndarray, what: str, atol: float = LOGIT_ATOL) -> float:
+    assert a.shape == b.shape, f"{what}: shapes {a.shape} vs {b.shape}"
+    err = float(np.abs(a - b).max())
+    assert err <= atol, f"{what}: max |diff| {err:.3g} > {atol}"
+    return err
+
+
+def _greedy_parity(ref: TorchLLMBackend, be: LlamaCppBackend, cfg, rng, steps: int, atol: float) -> float:
+    audio, text, feats, mask = _prompt(cfg, rng)
+    t_ref, a_ref = ref.prefill(audio, text, feats, mask)
+    t_gg, a_gg = be.prefill(audio, text, feats, mask)
+    worst = max(_close(t_gg, t_ref, "prefill text", atol), _close(a_gg, a_ref, "prefill audio", atol))
+    for i in range(steps):
+        t_tok, a_tok = int(np.argmax(t_ref)), int(np.argmax(a_ref))
+        assert (int(np.argmax(t_gg)), int(np.argmax(a_gg))) == (t_tok, a_tok), f"step {i}: greedy tokens differ"
+        if i == steps // 2:
+            t_tok = 0  # official quirk: a text id of 0 skips the text embedding
+        t_ref, a_ref = ref.step(a_tok, t_tok)
+        t_gg, a_gg = be.step(a_tok, t_tok)
+        worst = max(worst, _close(t_gg, t_ref, f"step {i} text", atol), _close(a_gg, a_ref, f"step {i} audio", atol))
+    return worst
+
+
+# ------------------------------------------------------------------------------------------------- export
+def test_export_files_hold_no_duplicate_and_no_unknown_tensor(tiny):
+    _, res, model = tiny
+    digests = {}
+    for role, path in res.files().items():
+        reader = gguf.GGUFReader(str(path))
+        names = [t.name for t in reader.tensors]
+        assert len(names) == len(set(names)), f"{role}: repeated tensor names"
+        for t in reader.tensors:
+            d = hashlib.sha256(np.ascontiguousarray(t.data).tobytes()).hexdigest()
+            assert d not in digests, f"{role}:{t.name} stores the same bytes as {digests[d]}"
+            digests[d] = f"{role}:{t.name}"
+    audio_names = {t.name for t in gguf.GGUFReader(str(res.audio)).tensors}
+    assert "output.weight" not in audio_names and "token_embd.weight" in audio_names
+    # every checkpoint tensor but the ignored inv_freq is stored exactly once
+    n_params = len([k for k in model.state_dict()])
+    assert len(digests) == n_params
+    sizes = gguf_component_bytes(res.files())
+    assert set(sizes) == {"trunk", "audio", "adaptor"} and all(v["tensor_bytes"] > 0 for v in sizes.values())
+
+
+def test_export_metadata(tiny):
+    _, res, model = tiny
+    cfg = model.config
+    reader = gguf.GGUFReader(str(res.trunk))
+    f = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert f("general.architecture") == "qwen2"
+    assert f("qwen2.block_count") == cfg.num_hidden_layers
+    assert f("qwen2.rope.freq_base") == pytest.approx(cfg.rope_theta)
+    assert f(KIMIA_KEYS["fork"]) == cfg.kimia_mimo_transformer_from_layer_index
+    # sqrt(2) in the snapshot dtype (bf16), as the official forward computes it
+    assert f(KIMIA_KEYS["feature_scale"]) == pytest.approx(1.4140625, abs=0)
+    audio = gguf.GGUFReader(str(res.audio))
+    assert audio.fields["qwen2.block_count"].contents() == cfg.kimia_mimo_layers
+    assert audio.fields[KIMIA_KEYS["role"]].contents() == "audio"
+
+
+def test_runtime_metadata_keys_match_export():
+    for key in ("role", "fork", "token_offset", "feature_scale", "adaptor_eps", "adaptor_input_dim"):
+        assert llm_llamacpp._K[key] == KIMIA_KEYS[key]
+
+
+def test_llamacpp_refuses_a_trunk_with_extra_tensors(tmp_path, tiny):
+    """Why the adaptor lives in its own file: llama.cpp rejects unknown tensors in a qwen2 file."""
+    _, res, _ = tiny
+    src = gguf.GGUFReader(str(res.trunk))
+    w = gguf.GGUFWriter(tmp_path / "extra.gguf", "qwen2")
+    for field in src.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        t = field.types[0]
+        add = {gguf.GGUFValueType.STRING: w.add_string, gguf.GGUFValueType.UINT32: w.add_uint32,
+               gguf.GGUFValueType.FLOAT32: w.add_float32, gguf.GGUFValueType.BOOL: w.add_bool}[t]
+        add(field.name, field.contents())
+    for t in src.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.add_tensor("adaptor.fc1.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    with pytest.raises(llm_llamacpp.LlamaCppError):
+        LlamaCppBackend(tmp_path / "extra.gguf", text_only=True, n_ctx=64, n_threads=1)
+
+
+# ------------------------------------------------------------------------------------------------- parity
+def test_backend_matches_torch_greedy_40_steps(tiny):
+    _, res, model = tiny
+    with _backend(res) as be:
+        assert isinstance(be, LLMBackend)
+        worst = _greedy_parity(TorchLLMBackend(model), be, model.config, np.random.default_rng(0), GREEDY_STEPS,
+                               LOGIT_ATOL)
+    assert worst < LOGIT_ATOL
+
+
+def test_inputs_embeds_match_reference(tiny):
+    """The numpy input rule (adaptor, sqrt(2), text-id-0) equals the reference embed_inputs exactly-ish."""
+    _, res, model = tiny
+    rng = np.random.default_rng(5)
+    audio, text, feats, mask = _prompt(model.config, rng)
+    with _backend(res) as be:
+        ours = be.embed_inputs(audio, text, feats, mask)
+        ref = model.model.embed_inputs(torch.from_numpy(audio)[None], torch.from_numpy(text)[None],
+                                       torch.from_numpy(feats), torch.from_numpy(mask)[None])[0].detach().numpy()
+        _close(ours, ref, "inputs_embeds", atol=1e-5)
+        # text id 0 alone: the text embedding is skipped
+        one = be.embed_inputs(audio[:1], np.zeros(1, np.int64), None, None)
+        np.testing.assert_array_equal(one, be.embed(audio[:1]))
+
+
+def test_reset_and_multi_turn_reuse(tiny):
+    _, res, model = tiny
+    cfg = model.config
+    rng = np.random.default_rng(7)
+    a1, t1, f1, m1 = _prompt(cfg, rng, 10, 3)
+    a2, t2, f2, m2 = _prompt(cfg, rng, 8, 2)
+    ref = TorchLLMBackend(model)
+    want = ref.prefill(np.concatenate([a1, a2]), np.concatenate([t1, t2]), np.concatenate([f1, f2]),
+                       np.concatenate([m1, m2]))
+    want_step = ref.step(int(a2[0]), int(t2[0]))
+    with _backend(res) as be:
+        first = be.prefill(a1, t1, f1, m1)
+        be.step(int(a2[0]), int(t2[0]))
+        again = be.prefill(a1, t1, f1, m1)  # prefill resets: same result as the first time
+        for x, y in zip(first, again):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+        got = be.append(a2, t2, f2, m2)  # second turn continues the cache
+        assert be.position == len(a1) + len(a2)
+        for x, y, w in zip(got, want, ("text", "audio")):
+            _close(x, y, f"turn 2 {w}")
+        for x, y, w in zip(be.step(int(a2[0]), int(t2[0])), want_step, ("text", "audio")):
+            _close(x, y, f"turn 2 step {w}")
+        be.reset()
+        assert be.position == 0
+        for x, y in zip(be.prefill(a1, t1, f1, m1), first):
+            np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_text_only_and_skipped_text_head(tiny):
+    _, res, model = tiny
+    rng = np.random.default_rng(11)
+    audio, text, feats, mask = _prompt(model.config, rng)
+    ref = TorchLLMBackend(model)
+    t_ref, a_ref = ref.prefill(audio, text, feats, mask)
+    with _backend(res, text_only=True) as be:
+        t, a = be.prefill(audio, text, feats, mask)
+        assert a.shape == (0,)
+        _close(t, t_ref, "text_only text")
+    with _backend(res) as be:
+        be.prefill(audio, text, feats, mask)
+        t, a = be.step(11, 12, text_logits=False)
+        t2_ref, a2_ref = ref.step(11, 12)
+        assert t.shape == (0,)
+        _close(a, a2_ref, "audio with skipped text head")
+        for x, y in zip(be.step(13, 14), ref.step(13, 14)):
+            _close(x, y, "step after skipped text head")
+
+
+def test_errors_are_clear(tiny):
+    _, res, model = tiny
+    with _backend(res) as be:
+        with pytest.raises(ValueError, match="equal length"):
+            be.prefill(np.zeros(3, np.int64), np.zeros(2, np.int64), None, np.zeros(3, bool))
+        with pytest.raises(ValueError, match="features"):
+            be.prefill(np.zeros(3, np.int64), np.zeros(3, np.int64), np.zeros((1, 5), np.float32),
+                       np.array([0, 1, 0], bool))
+        with pytest.raises(ValueError, match="token ids"):
+            be.step(model.config.vocab_size, 1)
+    with pytest.raises(ValueError, match="trunk"):
+        LlamaCppBackend(res.audio, text_only=True)
+
+
+# ------------------------------------------------------------------------------------------ other precisions
+def test_f16_export_and_q8_0_quantized_run(tiny, tmp_path):
+    snap, res32, model = tiny
+    res16 = export_llm_gguf(snap, tmp_path / "f16", "f16")
+    q8 = quantize_llm(res32.trunk.parent, tmp_path / "q8", "Q8_0")  # runs llama_model_quantize in a subprocess
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(q8["trunk"])).tensors}
+    assert "Q8_0" in types
+    rng = np.random.default_rng(3)
+    audio, text, feats, mask = _prompt(model.config, rng)
+    t_ref, a_ref = TorchLLMBackend(model).prefill(audio, text, feats, mask)
+    for name, files, tol in (("f16", res16.files(), 0.05), ("q8_0", q8, 0.2)):
+        with LlamaCppBackend(files["trunk"], files["audio"], files["adaptor"], n_ctx=64, n_threads=1,
+                             feature_scale=FP32_SQRT2) as be:
+            t, a = be.prefill(audio, text, feats, mask)
+            for x, y, w in ((t, t_ref, "text"), (a, a_ref, "audio")):
+                assert np.isfinite(x).all()
+                err = float(np.abs(x - y).max()) / float(np.abs(y).max())
+                assert err < tol, f"{name} {w}: relative max error {err:.3g} >= {tol}"
+                assert np.corrcoef(x, y)[0, 1] > 0.99, f"{name} {w}: logits decorrelated"
+
+
+# ------------------------------------------------------------------------------------------------- small
+@pytest.mark.slow
+def test_small_snapshot_parity(tmp_path):
+    torch.set_num_threads(2)
+    snap, res = _export(tmp_path, "small")
+    model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    assert model.config.kimia_mimo_transformer_from_layer_index == 21
+    with _backend(res, n_threads=2) as be:
+        worst = _greedy_parity(TorchLLMBackend(model), be, model.config, np.random.default_rng(1), GREEDY_STEPS,
+                               atol=2e-4)
+    print(f"small snapshot: worst |logit diff| {worst:.3g}")
