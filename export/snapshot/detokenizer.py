@@ -40,8 +40,9 @@ _FILE_MODE = 0o644
 _FULL = dict(hidden_size=2304, depth=16, num_heads=18, semantic_vocab_size=16384)
 # small: the full depth and head_dim 128, 6x narrower (~50 M parameters, ~0.2 GB fp32).
 _SMALL = dict(hidden_size=384, depth=16, num_heads=3, semantic_vocab_size=16384)
-# tiny: the official-fixture geometry (MANIFEST.md §2).
-_TINY = dict(hidden_size=96, depth=2, num_heads=3, semantic_vocab_size=100)
+# tiny: the official-fixture geometry (MANIFEST.md §2), but the semantic vocabulary of the other tiny
+# components (512 codebook rows), so a tiny snapshot runs end to end.
+_TINY = dict(hidden_size=96, depth=2, num_heads=3, semantic_vocab_size=512)
 _COMMON = dict(input_size=80, mlp_ratio=4.0, position_embedding_type="skip", max_seq_len=4096, ffn_type="vanilla_mlp",
                ffn_gated_glu=False, ffn_act_layer="gelu", ffn_conv_kernel_size=5, use_rope=True,
                rope_max_position_embeddings=4096, rope_base=10000.0, rope_interpolation_factor=1.0,

@@ -72,5 +72,5 @@ def folder_bytes(path: Path) -> int:
 def main_make(out: Path, size: str, seed: int, components: Optional[Iterable[str]]) -> int:
     start = time.perf_counter()
     make_snapshot(out, size, seed, components)
-    print(f"wrote {size} snapshot to {out}: {folder_bytes(out) / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {size} snapshot to {out}: {folder_bytes(out) / 2**20:.1f} MiB in {time.perf_counter() - start:.1f} s")
     return 0

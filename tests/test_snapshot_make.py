@@ -1,0 +1,64 @@
+"""``kimia-edge snapshot make`` writes one consistent snapshot: every component loads strictly through the
+readers users use, and the components agree on the numbers they share."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kimia_edge.cli import main
+from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder, read_whisper_encoder
+from kimia_edge.export.snapshot.detokenizer import read_detokenizer
+from kimia_edge.export.snapshot.llm import read_llm
+from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR, folder_bytes, make_snapshot
+from kimia_edge.export.snapshot.vocoder import read_vocoder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("snap") / "tiny"
+    assert main(["snapshot", "make", "--size", "tiny", "--out", str(out), "--seed", "3"]) == 0
+    return out
+
+
+def test_tiny_is_small_and_components_agree(tiny: Path) -> None:
+    assert folder_bytes(tiny) < 20 * 2**20  # 19.2 MiB: mostly the LLM's three 152k-row matrices (official ids)
+    llm_cfg, llm_sd = read_llm(tiny)
+    whisper_cfg, _ = read_whisper_encoder(tiny)
+    vq_cfg, _ = read_vq_encoder(tiny / GLM_TOKENIZER_SUBDIR)
+    dit_cfg, _ = read_detokenizer(tiny)
+    voc_cfg, _ = read_vocoder(tiny)
+    codebook = llm_cfg.vocab_size - llm_cfg.kimia_token_offset
+    assert vq_cfg.codebook_size == codebook == dit_cfg.semantic_vocab_size
+    assert llm_sd.shape("model.vq_adaptor.layers.0.weight")[1] == 4 * whisper_cfg.d_model  # 4 frames per token
+    assert voc_cfg.num_mels == dit_cfg.input_size and voc_cfg.hop_size == 480  # 50 Hz mel -> 24 kHz
+
+
+def test_same_seed_same_bytes_and_subsets_match(tiny: Path, tmp_path: Path) -> None:
+    part = make_snapshot(tmp_path / "voc", "tiny", seed=3, components=["vocoder"])
+    assert (part / "vocoder/model.pt").read_bytes() == (tiny / "vocoder/model.pt").read_bytes()
+    assert not (part / "config.json").exists()
+
+
+def test_refuses_existing_folder_and_unknown_component(tiny: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileExistsError):
+        make_snapshot(tiny, "tiny", 0)
+    with pytest.raises(ValueError, match="unknown components"):
+        make_snapshot(tmp_path / "x", "tiny", 0, components=["llm", "mimo"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_make_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kimia_edge.export.snapshot.make as make
+
+    real = make._writers()
+
+    def failing_writers():
+        w = dict(real)
+        w["vocoder"] = lambda root, size, seed: (_ for _ in ()).throw(OSError("disk full"))
+        return w
+
+    monkeypatch.setattr(make, "_writers", failing_writers)
+    with pytest.raises(OSError, match="disk full"):
+        make_snapshot(tmp_path / "snap", "tiny", 0)
+    assert list(tmp_path.iterdir()) == []
