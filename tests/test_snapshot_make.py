@@ -29,7 +29,7 @@ def test_tiny_is_small_and_components_agree(tiny: Path) -> None:
     dit_cfg, _ = read_detokenizer(tiny)
     voc_cfg, _ = read_vocoder(tiny)
     codebook = llm_cfg.vocab_size - llm_cfg.kimia_token_offset
-    assert vq_cfg.codebook_size == codebook == dit_cfg.semantic_vocab_size
+    assert vq_cfg.quantize_vocab_size == codebook == dit_cfg.semantic_vocab_size
     assert llm_sd.shape("model.vq_adaptor.layers.0.weight")[1] == 4 * whisper_cfg.d_model  # 4 frames per token
     assert voc_cfg.num_mels == dit_cfg.input_size and voc_cfg.hop_size == 480  # 50 Hz mel -> 24 kHz
 
