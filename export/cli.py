@@ -12,6 +12,39 @@ def _snapshot_make(args: argparse.Namespace) -> int:
     return main_make(args.out, args.size, args.seed, args.components)
 
 
+def _reference_run(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+    from tqdm import tqdm
+
+    from kimia_edge.export.reference.pipeline import GoldenPipeline
+    from kimia_edge.runtime.frontend import load_audio, to_16k_mono
+    from kimia_edge.runtime.tasks import generation_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samples, sr = load_audio(args.input)
+    pipe = GoldenPipeline(args.snapshot, args.glm_tokenizer)
+    config = generation_config(args.task, args.seed, step_limit=args.max_steps)
+    start = time.perf_counter()
+    with tqdm(desc=f"{args.task} steps", unit="step") as bar:
+        result = pipe.run(args.task, to_16k_mono(samples, sr), seed=args.seed, config=config, on_step=lambda _: bar.update())
+    print(f"text: {result.text!r}")
+    print(f"{result.steps} steps ({result.stop}), {len(result.audio_tokens)} audio tokens, {time.perf_counter() - start:.1f} s")
+    if args.output:
+        if args.task != "chat":
+            print(f"no speech to write: task {args.task!r} answers in text only (use --task chat)")
+        elif result.wav.size == 0:
+            print("no speech to write: the model emitted no audio tokens")
+        else:
+            sf.write(args.output, result.wav.astype(np.float32), result.sample_rate_hz, subtype="FLOAT")
+            print(f"wrote {args.output}: {result.wav.size / result.sample_rate_hz:.2f} s at {result.sample_rate_hz} Hz")
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from kimia_edge.export.snapshot.make import COMPONENTS, SIZES
 
@@ -23,3 +56,16 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--components", nargs="+", choices=COMPONENTS, help="write only these (default: all)")
     make.set_defaults(handler=_snapshot_make)
+
+    ref = sub.add_parser("reference", help="run the PyTorch reference (the golden pipeline)")
+    ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION")
+    run = ref_sub.add_parser("run", help="one turn on a wav file: asr / qa (text out) or chat (text + speech out)")
+    run.add_argument("--snapshot", type=Path, required=True)
+    run.add_argument("--glm-tokenizer", type=Path, help="GLM-4-Voice tokenizer folder (default: <snapshot>/glm-4-voice-tokenizer)")
+    run.add_argument("--input", type=Path, required=True, help="speech file (any rate, any channels)")
+    run.add_argument("--task", choices=("asr", "qa", "chat"), default="chat")
+    run.add_argument("--output", type=Path, help="where to write the 24 kHz answer (chat)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-steps", type=int, help="cap on generation steps (not official; random weights rarely stop)")
+    run.add_argument("--threads", type=int, help="torch threads")
+    run.set_defaults(handler=_reference_run)

@@ -54,6 +54,9 @@ class GenerationConfig:
     max_total_tokens_both: int = MAX_TOTAL_TOKENS_BOTH
     max_total_tokens_text: int = MAX_TOTAL_TOKENS_TEXT
     seed: Optional[int] = None
+    # Not official: an extra cap on loop iterations in both modes (None = the official budgets only). Random-weight
+    # test models rarely emit a stop token; this bounds demos and tests.
+    step_limit: Optional[int] = None
 
     def validate(self) -> None:
         """Raises ValueError naming the bad field."""
@@ -63,16 +66,20 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.audio_delay_tokens={self.audio_delay_tokens}: expected >= 0")
         if self.max_new_tokens < -1:
             raise ValueError(f"GenerationConfig.max_new_tokens={self.max_new_tokens}: expected -1 or >= 0")
+        if self.step_limit is not None and self.step_limit < 0:
+            raise ValueError(f"GenerationConfig.step_limit={self.step_limit}: expected None or >= 0")
         self.text.validate()
         self.audio.validate()
 
     def max_steps(self, prompt_len: int) -> int:
         """Number of loop iterations allowed for a prompt of ``prompt_len`` positions (may be <= 0: no step)."""
         if self.output_type == "both":
-            return self.max_total_tokens_both - prompt_len
-        if self.max_new_tokens == -1:
-            return self.max_total_tokens_text - prompt_len
-        return self.max_new_tokens
+            budget = self.max_total_tokens_both - prompt_len
+        elif self.max_new_tokens == -1:
+            budget = self.max_total_tokens_text - prompt_len
+        else:
+            budget = self.max_new_tokens
+        return budget if self.step_limit is None else min(budget, self.step_limit)
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,14 @@ def test_runtime_modules_do_not_import_torch():
             "kimia_edge.runtime.text_tokenizer, kimia_edge.runtime.llm_config, kimia_edge.runtime.special_tokens, "
             "kimia_edge.runtime.llm_backend; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_step_limit_caps_both_official_budgets() -> None:
+    from kimia_edge.runtime.generation import GenerationConfig
+
+    assert GenerationConfig(output_type="both").max_steps(100) == 1400
+    assert GenerationConfig(output_type="both", step_limit=30).max_steps(100) == 30
+    assert GenerationConfig(output_type="text", step_limit=30).max_steps(100) == 30
+    assert GenerationConfig(output_type="text", max_new_tokens=10, step_limit=30).max_steps(100) == 10
+    with pytest.raises(ValueError, match="step_limit"):
+        GenerationConfig(step_limit=-1).validate()

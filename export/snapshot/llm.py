@@ -30,7 +30,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -237,6 +237,23 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
+# Random heads pick uniformly over all 152k+ ids, so a random model would almost never emit an audio id (codebook
+# rows are ~0.3 % of the vocabulary) nor a word of the generated BPE. Generated snapshots therefore give the rows of
+# each head's own range this larger norm: the weights stay random, but greedy picks land in range and every stage
+# downstream (text decoding, the detokenizer, the vocoder) gets real work.
+HEAD_RANGE_GAIN = 3.0
+_BYTE_TOKENS = 256
+
+
+def favoured_head_rows(name: str, cfg: KimiaConfig) -> Optional[Tuple[int, int]]:
+    """[start, stop) of the rows whose norm a generated snapshot scales by HEAD_RANGE_GAIN, or None."""
+    if name == "lm_head.weight":  # text head: the learned BPE merges (word pieces)
+        return (_BYTE_TOKENS, _BYTE_TOKENS + GENERATED_BPE_MERGES)
+    if name == "mimo_output.weight":  # audio head: the semantic codebook
+        return (cfg.kimia_token_offset, cfg.vocab_size)
+    return None
+
+
 def _blocks(spec: _Spec, cfg: KimiaConfig, seed: int, index: int) -> Iterator[np.ndarray]:
     """The tensor's values as bf16 bit blocks (row-major)."""
     rng = np.random.default_rng([seed, index])
@@ -252,6 +269,12 @@ def _blocks(spec: _Spec, cfg: KimiaConfig, seed: int, index: int) -> Iterator[np
         z = rng.standard_normal(n, dtype=np.float32)
         if spec.init == "matrix":
             z *= np.float32(1.0 / math.sqrt(spec.shape[1]))
+            favoured = favoured_head_rows(spec.name, cfg)
+            if favoured is not None:
+                rows_here = z.reshape(-1, row_len)
+                lo, hi = max(favoured[0] - r0, 0), min(favoured[1] - r0, rows_here.shape[0])
+                if lo < hi:
+                    rows_here[lo:hi] *= np.float32(HEAD_RANGE_GAIN)
         elif spec.init == "bias":
             z *= np.float32(0.02)
         elif spec.init == "norm":
