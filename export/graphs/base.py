@@ -11,16 +11,36 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from kimia_edge.runtime.manifest import ShapeProfile
 
+if TYPE_CHECKING:
+    from kimia_edge.export.reference.pipeline import GoldenPipeline
+
 log = logging.getLogger(__name__)
 
 OPSET = 18
+
+
+@dataclass
+class CalibrationContext:
+    """What a graph may calibrate on: real speech clips (16 kHz mono) and, built on first use, the golden pipeline
+    of the snapshot being exported (to turn speech into the inputs later graphs see: features, tokens, mel)."""
+
+    snapshot: Path
+    speech_16k: List[np.ndarray]
+    _pipeline: Optional["GoldenPipeline"] = None
+
+    def pipeline(self) -> "GoldenPipeline":
+        if self._pipeline is None:
+            from kimia_edge.export.reference.pipeline import GoldenPipeline
+
+            self._pipeline = GoldenPipeline(self.snapshot)
+        return self._pipeline
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,10 @@ class GraphSpec(ABC):
     @abstractmethod
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
         """min / opt / max shape of every input, for TensorRT."""
+
+    def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
+        """Inputs for static int8 calibration, derived from real speech. Default: none (no int8_qdq variant)."""
+        return []
 
     def dynamic_shapes(self, module: torch.nn.Module) -> Tuple[Dict[int, torch.export.Dim], ...]:
         """torch.export dims, derived from ``dynamic_axes`` and the profile bounds."""

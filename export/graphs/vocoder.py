@@ -1,0 +1,63 @@
+"""The BigVGAN vocoder as one ONNX graph: mel [1, 80, T] (de-normalised, 50 Hz) -> wav [1, 1, T*hop] at 24 kHz.
+Weight norm is folded before export (one plain conv per layer, w = g·v/‖v‖)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from kimia_edge.export.checkpoint import load_strict
+from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
+from kimia_edge.export.reference.bigvgan import BigVGAN, build_bigvgan
+from kimia_edge.export.snapshot.vocoder import read_vocoder
+from kimia_edge.runtime.manifest import ShapeProfile
+
+# Frames per call in streaming: the first chunk vocodes 72 frames, later ones up to 84 held back + 120 new
+# (+48 look-ahead frames in the final chunk); 512 leaves room for larger chunk schedules.
+MIN_FRAMES, OPT_FRAMES, MAX_FRAMES = 4, 156, 512
+# De-normalised mel is a natural-log magnitude around mel_mean (-4.48) with std 3.46 (reference §3.1).
+_EXAMPLE_MEL_MEAN, _EXAMPLE_MEL_STD = -4.5, 2.0
+
+
+def load_vocoder(snapshot: Path) -> BigVGAN:
+    """The reference vocoder from ``snapshot/vocoder``, weight-norm form, strict."""
+    cfg, sd = read_vocoder(snapshot)
+    model = build_bigvgan(cfg)
+    load_strict(model, sd, source=str(Path(snapshot) / "vocoder"))
+    return model.eval()
+
+
+class VocoderGraph(GraphSpec):
+    name = "vocoder"
+    component = "vocoder"
+    input_names = ("mel",)
+    output_names = ("wav",)
+    dynamic_axes = {"mel": {2: "frames"}, "wav": {2: "samples"}}
+    parity_lengths = (72, 156, 37)
+    fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-4)
+
+    def build(self, snapshot: Path) -> torch.nn.Module:
+        return load_vocoder(snapshot).folded_copy().eval()
+
+    def example_inputs(self, module: torch.nn.Module, length: int, seed: int) -> Tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        mel = torch.randn(1, module.cfg.num_mels, length, generator=g) * _EXAMPLE_MEL_STD + _EXAMPLE_MEL_MEAN
+        return (mel,)
+
+    def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
+        n = module.cfg.num_mels
+        return {"mel": ShapeProfile((1, n, MIN_FRAMES), (1, n, OPT_FRAMES), (1, n, MAX_FRAMES))}
+
+    def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
+        """The vocoder inputs the streaming detokenizer produces from the semantic tokens of real speech."""
+        pipe = context.pipeline()
+        feeds = []
+        for i, clip in enumerate(context.speech_16k):
+            ids = pipe.encode_audio(clip).semantic_ids
+            det = pipe.detokenizer(np.random.default_rng(i))
+            for chunk in [*det.push(ids), *det.finish()]:
+                feeds.append({"mel": np.ascontiguousarray(chunk.vocoder_in_mel.T[None], dtype=np.float32)})
+        return feeds
+
