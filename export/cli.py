@@ -45,6 +45,25 @@ def _reference_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from kimia_edge.export.exporter import audio_files, export_bundle
+    from kimia_edge.runtime.manifest import load_bundle
+
+    precisions = args.precision
+    speech = audio_files(args.calibration_audio or [])
+    if "int8_qdq" in precisions and not speech:
+        print("note: no --calibration-audio given, so no int8_qdq variants (static int8 is calibrated on real speech)")
+    out = export_bundle(args.snapshot, args.out, precisions=precisions, graphs=args.graphs, calibration_audio=speech,
+                        llm_precision=None if args.no_llm else args.llm_precision, llm_quants=args.llm_quants,
+                        overwrite=args.overwrite, seed=args.seed)
+    manifest = load_bundle(out)  # verifies every hash it just wrote
+    print(f"bundle {out}: {len(manifest.artifacts)} artifacts, {sum(a.bytes for a in manifest.artifacts) / 2**20:.1f} MiB")
+    for a in manifest.artifacts:
+        err = ", ".join(f"{k} {v:.2e}" for k, v in a.error.items())
+        print(f"  {a.name:<16} {a.precision:<12} {a.bytes / 2**20:9.2f} MiB  {err}")
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from kimia_edge.export.snapshot.make import COMPONENTS, SIZES
 
@@ -56,6 +75,23 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--components", nargs="+", choices=COMPONENTS, help="write only these (default: all)")
     make.set_defaults(handler=_snapshot_make)
+
+    from kimia_edge.export.exporter import DEFAULT_PRECISIONS
+    from kimia_edge.export.graphs import REGISTRY
+
+    exp = sub.add_parser("export", help="export a snapshot to a bundle: ONNX graphs, GGUF LLM, manifest")
+    exp.add_argument("--snapshot", type=Path, required=True)
+    exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    exp.add_argument("--precision", nargs="+", default=list(DEFAULT_PRECISIONS), choices=DEFAULT_PRECISIONS,
+                     help="ONNX precision variants (fp32 always)")
+    exp.add_argument("--graphs", nargs="+", choices=list(REGISTRY), help="only these graphs (default: all)")
+    exp.add_argument("--calibration-audio", nargs="+", type=Path, help="speech files or folders for static int8")
+    exp.add_argument("--llm-precision", choices=("f32", "f16"), default="f16", help="GGUF base precision")
+    exp.add_argument("--llm-quants", nargs="*", default=["Q4_K_M"], help="llama.cpp quant types (e.g. Q8_0 Q4_K_M)")
+    exp.add_argument("--no-llm", action="store_true", help="skip the GGUF LLM")
+    exp.add_argument("--overwrite", action="store_true")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.set_defaults(handler=_export)
 
     ref = sub.add_parser("reference", help="run the PyTorch reference (the golden pipeline)")
     ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION")
