@@ -181,6 +181,15 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
             return got == n ? out : py::array_t<T>(out[py::slice(0, static_cast<py::ssize_t>(got), 1)]);
           },
           py::arg("n"), "Reads up to n elements that are there now into a new array; never waits.")
+      .def(
+          "wait_readable",
+          [](Ring& r, size_t n, const py::object& timeout) {
+            const double t = timeout_arg(timeout);
+            return r.template wait_readable<py::gil_scoped_release>(n, t);
+          },
+          py::arg("n") = 1, py::arg("timeout") = py::none(),
+          "Waits (GIL released) until n elements can be read, the ring is closed, or `timeout` expires; reads "
+          "and counts nothing. Returns True if the n elements are there.")
       .def("clear", &Ring::clear, "Discards everything buffered (call from the reader, or with no reader running).")
       .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>(),
            "Ends the stream: later writes raise RingClosedError; waiting readers and writers wake up; "

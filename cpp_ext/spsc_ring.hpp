@@ -144,6 +144,16 @@ class SpscRing {
     }
   }
 
+  // Waits until at least min(n, capacity) samples can be read, or the ring is closed, or the timeout expires
+  // (timeout_s < 0 waits forever). Reads nothing and counts nothing. Returns whether the samples are there.
+  template <typename WaitGuard = NoWaitGuard>
+  bool wait_readable(size_t n, double timeout_s) {
+    n = std::min(n, capacity_);
+    if (available() >= n) return true;
+    wait_until<WaitGuard>(data_cv_, deadline_from(timeout_s), [&] { return available() >= n || closed(); });
+    return available() >= n;
+  }
+
   // Discards everything buffered. Call it from the consumer (or with no reader running).
   void clear() {
     const uint64_t h = head_.load(std::memory_order_acquire);

@@ -276,3 +276,15 @@ def test_bad_construction_arguments() -> None:
         AudioRing(0)
     with pytest.raises(ValueError, match="timeout"):
         AudioRing(8).read(1, timeout=-1)
+
+
+def test_wait_readable_waits_without_reading_or_counting() -> None:
+    ring = AudioRing(16)
+    assert ring.wait_readable(1, timeout=0.02) is False
+    t = threading.Timer(0.05, lambda: ring.write(np.ones(3, dtype=np.float32)))
+    t.start()
+    assert ring.wait_readable(3, timeout=2.0) is True
+    t.join()
+    assert ring.available == 3 and ring.stats()["underruns"] == 0
+    ring.close()
+    assert ring.wait_readable(5, timeout=None) is False  # closed and short: returns at once

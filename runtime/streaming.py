@@ -1,0 +1,185 @@
+"""One streaming turn: the generation loop on its own thread, the detokenizer + vocoder on another, the C++ rings
+between them (architecture §3). Text comes back as events while the LLM runs; speech comes back in chunks as
+soon as the detokenizer has emitted them, long before the answer is finished.
+
+    generation thread --audio tokens--> [TokenRing] --> synthesis thread --samples--> [AudioRing] --> caller / sink
+           \\--text pieces / step events--> event queue --> caller
+
+Threads hand results through rings and one event queue that also forwards exceptions (never by polling a
+shared dict); every ring is closed on the way out, so nobody waits forever.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Union
+
+import numpy as np
+
+from kimia_edge.runtime.detokenizer import StreamingDetokenizer
+from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, IncrementalTextDecoder, generate_steps
+from kimia_edge.runtime.llm_backend import LLMBackend
+from kimia_edge.runtime.prompt import Prompt
+from kimia_edge.runtime.rings import AudioRing, TokenRing
+from kimia_edge.runtime.special_tokens import SpecialTokens
+
+TOKEN_RING_CAPACITY = 4096  # 5.5 min of 12.5 Hz tokens: the LLM never waits for the detokenizer
+_AUDIO_READ_SAMPLES = 4800  # 0.2 s at 24 kHz per read by the consumer
+_SYNTH_READ_TOKENS = 64
+
+
+@dataclass
+class TextEvent:
+    text: str  # the new piece of decoded text
+
+
+@dataclass
+class AudioEvent:
+    samples: np.ndarray  # [n] float32 at the vocoder's rate
+
+
+@dataclass
+class TurnStats:
+    """Timings in seconds from the start of the turn; counters from the rings."""
+
+    prefill_s: float = 0.0
+    first_text_s: Optional[float] = None
+    first_audio_s: Optional[float] = None
+    llm_steps: int = 0
+    llm_seconds: float = 0.0
+    synth_seconds: float = 0.0  # time spent in the detokenizer + vocoder
+    audio_samples: int = 0
+    stop: str = ""
+    rings: Dict[str, Dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def llm_steps_per_s(self) -> float:
+        return self.llm_steps / self.llm_seconds if self.llm_seconds else 0.0
+
+
+Event = Union[TextEvent, AudioEvent]
+_DONE = object()
+
+
+class StreamingTurn:
+    """Runs one turn; iterate it for events. ``stats`` is complete once iteration ends."""
+
+    def __init__(self, backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, token_offset: int,
+                 config: GenerationConfig, decode_bytes: Callable[[List[int]], bytes],
+                 detokenizer: Optional[StreamingDetokenizer], audio_capacity_samples: int = 24_000 * 60) -> None:
+        self.backend, self.prompt, self.tokens, self.token_offset = backend, prompt, tokens, token_offset
+        self.config = config
+        self.decoder = IncrementalTextDecoder(decode_bytes)
+        self.detokenizer = detokenizer if config.output_type == "both" else None
+        self.token_ring = TokenRing(TOKEN_RING_CAPACITY, "block")
+        # 'block': the synthesis thread waits for a slow consumer rather than dropping speech
+        self.audio_ring = AudioRing(audio_capacity_samples, "block")
+        self.events: "queue.Queue[object]" = queue.Queue()
+        self.stats = TurnStats()
+        self.text_ids: List[int] = []
+        self._t0 = 0.0
+        self._threads: List[threading.Thread] = []
+
+    # ---- threads -------------------------------------------------------------------------------------------
+    def _generate(self) -> None:
+        try:
+            start = time.perf_counter()
+            first = True
+            for step in generate_steps(self.backend, self.prompt, self.tokens, self.token_offset, self.config):
+                if first:
+                    self.stats.prefill_s = time.perf_counter() - self._t0
+                    start, first = time.perf_counter(), False
+                self._on_step(step)
+            self.stats.llm_seconds = time.perf_counter() - start
+            tail = self.decoder.flush()
+            if tail:
+                self.events.put(TextEvent(tail))
+        except BaseException as exc:  # forwarded to the caller, who re-raises it
+            self.events.put(exc)
+        finally:
+            self.token_ring.close()
+            self.events.put(_DONE)
+
+    def _on_step(self, step: GenerationStep) -> None:
+        self.stats.llm_steps = step.index + 1
+        self.stats.stop = step.stop or self.stats.stop
+        if step.text_token is not None:
+            self.text_ids.append(step.text_token)
+            piece = self.decoder.push(step.text_token)
+            if piece:
+                if self.stats.first_text_s is None:
+                    self.stats.first_text_s = time.perf_counter() - self._t0
+                self.events.put(TextEvent(piece))
+        if step.audio_token is not None and self.detokenizer is not None:
+            self.token_ring.write(np.array([step.audio_token], dtype=np.int32))
+
+    def _synthesize(self) -> None:
+        det = self.detokenizer
+        buf = np.empty(_SYNTH_READ_TOKENS, dtype=np.int32)
+        try:
+            while self.token_ring.wait_readable(1):  # False only once closed and drained
+                n = self.token_ring.read_into_nowait(buf[: min(len(buf), self.token_ring.available)])
+                self._emit(det.push(buf[:n].astype(np.int64)))
+            self._emit(det.finish())
+        except BaseException as exc:
+            self.events.put(exc)
+        finally:
+            self.audio_ring.close()
+
+    def _emit(self, chunks: Iterator) -> None:
+        start = time.perf_counter()
+        for chunk in chunks:
+            if self.stats.first_audio_s is None and len(chunk.wav):
+                self.stats.first_audio_s = time.perf_counter() - self._t0
+            self.audio_ring.write(np.ascontiguousarray(chunk.wav, dtype=np.float32))
+            self.stats.audio_samples += len(chunk.wav)
+        self.stats.synth_seconds += time.perf_counter() - start
+
+    # ---- consumer ------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Event]:
+        self._t0 = time.perf_counter()
+        self._threads = [threading.Thread(target=self._generate, name="kimia-generate", daemon=True)]
+        if self.detokenizer is not None:
+            self.detokenizer.reset()
+            self._threads.append(threading.Thread(target=self._synthesize, name="kimia-synthesize", daemon=True))
+        else:
+            self.audio_ring.close()
+        for t in self._threads:
+            t.start()
+        out = np.empty(_AUDIO_READ_SAMPLES, dtype=np.float32)
+        generation_done = False
+        error: Optional[BaseException] = None
+        while True:
+            try:
+                while True:
+                    item = self.events.get_nowait()
+                    if item is _DONE:
+                        generation_done = True
+                    elif isinstance(item, BaseException):
+                        error = error or item
+                    else:
+                        yield item  # type: ignore[misc]
+            except queue.Empty:
+                pass
+            if error is not None:
+                self._abort()
+                raise error
+            # wake on audio, or every 20 ms for text events; reads only what is there (no false underruns)
+            if self.audio_ring.wait_readable(1, timeout=0.02):
+                n = self.audio_ring.read_into_nowait(out[: min(len(out), self.audio_ring.available)])
+                yield AudioEvent(out[:n].copy())
+            elif generation_done and self.audio_ring.closed and self.audio_ring.available == 0:
+                break
+        for t in self._threads:
+            t.join()
+        while not self.events.empty():  # a late error from the synthesis thread
+            item = self.events.get_nowait()
+            if isinstance(item, BaseException):
+                raise item
+        self.stats.rings = {"tokens": self.token_ring.stats(), "audio": self.audio_ring.stats()}
+
+    def _abort(self) -> None:
+        self.token_ring.close()
+        self.audio_ring.close()

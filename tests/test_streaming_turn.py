@@ -1,0 +1,63 @@
+"""The threaded streaming turn (generation thread -> token ring -> synthesis thread -> audio ring) gives exactly
+what the sequential golden pipeline gives, with speech arriving before the turn ends, and forwards errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kimia_edge.export.reference.pipeline import GoldenPipeline
+from kimia_edge.export.snapshot.make import make_snapshot
+from kimia_edge.runtime.frontend import load_audio, to_16k_mono
+from kimia_edge.runtime.prompt import build_prompt
+from kimia_edge.runtime.streaming import AudioEvent, StreamingTurn, TextEvent
+from kimia_edge.runtime.tasks import generation_config, task_messages
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory: pytest.TempPathFactory) -> GoldenPipeline:
+    return GoldenPipeline(make_snapshot(tmp_path_factory.mktemp("turn") / "tiny", "tiny", seed=21))
+
+
+@pytest.fixture(scope="module")
+def clip(shared_audio: Path) -> np.ndarray:
+    return to_16k_mono(*load_audio(shared_audio / "qa_example.wav"))
+
+
+def _turn(pipe: GoldenPipeline, clip: np.ndarray, task: str, config, detokenizer) -> StreamingTurn:
+    prompt = build_prompt(task_messages(task, clip), config.output_type, pipe.tokens, pipe.token_offset,
+                          pipe.text_tokenizer.encode, lambda c: pipe.encode_audio(np.asarray(c)))
+    return StreamingTurn(pipe.backend, prompt, pipe.tokens, pipe.token_offset, config,
+                         pipe.text_tokenizer.decode_bytes, detokenizer)
+
+
+def test_streaming_turn_equals_the_golden_pipeline(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    config = generation_config("chat", seed=4, step_limit=90)
+    golden = pipe.run("chat", clip, seed=4, config=config)
+    turn = _turn(pipe, clip, "chat", config, pipe.detokenizer(np.random.default_rng(5)))  # run() uses seed + 1
+    events = list(turn)
+    text = "".join(e.text for e in events if isinstance(e, TextEvent))
+    audio = [e.samples for e in events if isinstance(e, AudioEvent)]
+    assert text == golden.text
+    np.testing.assert_array_equal(np.concatenate(audio), golden.wav)
+    s = turn.stats
+    assert s.llm_steps == 90 and s.audio_samples == golden.wav.size
+    assert s.first_audio_s is not None and s.first_audio_s < s.prefill_s + s.llm_seconds + s.synth_seconds
+    assert s.rings["tokens"]["total_read"] == len(golden.audio_tokens) and s.rings["audio"]["dropped"] == 0
+    assert s.rings["audio"]["underruns"] == 0  # the consumer only reads what is there
+
+
+def test_text_task_runs_no_synthesis(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    turn = _turn(pipe, clip, "qa", generation_config("qa", step_limit=8), pipe.detokenizer())
+    events = list(turn)
+    assert not any(isinstance(e, AudioEvent) for e in events)
+    assert turn.stats.llm_steps == 8
+
+
+def test_an_error_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    det = pipe.detokenizer(np.random.default_rng(0))
+    det.vocoder = lambda mel: (_ for _ in ()).throw(RuntimeError("vocoder exploded"))
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=60), det)
+    with pytest.raises(RuntimeError, match="vocoder exploded"):
+        list(turn)
