@@ -1,0 +1,65 @@
+"""The runtime Pipeline (torch-free orchestration) with the reference networks plugged in: same answer as the
+golden pipeline, metrics filled, resampling and multi-turn history."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.signal import resample_poly
+
+from kimia_edge.export.reference.pipeline import GoldenPipeline
+from kimia_edge.export.snapshot.make import make_snapshot
+from kimia_edge.runtime.frontend import load_audio, to_16k_mono
+from kimia_edge.runtime.pipeline import Components, Pipeline
+from kimia_edge.runtime.tasks import generation_config
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> GoldenPipeline:
+    return GoldenPipeline(make_snapshot(tmp_path_factory.mktemp("rp") / "tiny", "tiny", seed=31))
+
+
+@pytest.fixture(scope="module")
+def pipeline(golden: GoldenPipeline) -> Pipeline:
+    return Pipeline(Components(golden.encode_audio, golden.backend, golden.detokenizer, golden.tokens,
+                               golden.text_tokenizer, golden.token_offset, golden.sample_rate_hz,
+                               providers={"llm": "torch reference"}))
+
+
+@pytest.fixture(scope="module")
+def clip(shared_audio: Path) -> np.ndarray:
+    return to_16k_mono(*load_audio(shared_audio / "qa_example.wav"))
+
+
+def test_same_answer_as_the_golden_pipeline(pipeline: Pipeline, golden: GoldenPipeline, clip: np.ndarray) -> None:
+    config = generation_config("chat", seed=2, step_limit=70)
+    ref = golden.run("chat", clip, seed=2, config=config)
+    got = pipeline.run(clip, 16_000, "chat", seed=2, config=config)
+    assert got.text == ref.text
+    np.testing.assert_array_equal(got.wav, ref.wav)
+    m = got.metrics
+    assert m.llm_steps == 70 and m.output_audio_s == pytest.approx(ref.wav.size / 24_000)
+    assert m.first_audio_s is not None and m.peak_rss_mib > 0 and "llm" in m.table()
+    assert '"first_audio_s"' in m.to_json()
+
+
+def test_input_at_another_rate_with_channels_is_resampled(pipeline: Pipeline, clip: np.ndarray) -> None:
+    config = generation_config("qa", step_limit=5)
+    base = pipeline.run(clip, 16_000, "qa", config=config).text
+    stereo_441 = np.stack([resample_poly(clip, 441, 160)] * 2, axis=1).astype(np.float32)
+    other = pipeline.run(stereo_441, 44_100, "qa", config=config)
+    assert other.metrics.input_audio_s == pytest.approx(len(clip) / 16_000, abs=0.01)
+    assert isinstance(other.text, str) and isinstance(base, str)
+
+
+def test_history_grows_the_prompt(pipeline: Pipeline, clip: np.ndarray) -> None:
+    pipeline.reset()
+    config = generation_config("qa", step_limit=3)
+    pipeline.run(clip, 16_000, "qa", config=config, keep_history=True)
+    assert len(pipeline.history) == 2 and pipeline.history[1]["role"] == "assistant"
+    first_prefill_positions = pipeline.c.backend.position
+    pipeline.run(clip[:8000], 16_000, "qa", config=config, keep_history=True)
+    assert pipeline.c.backend.position > first_prefill_positions  # the second prompt carries the first turn
+    with pytest.raises(ValueError, match="task must be one of"):
+        list(pipeline.turn(clip, 16_000, "translate"))
