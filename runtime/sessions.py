@@ -157,3 +157,16 @@ def open_session(
         artifact.name, got, impl,
         tuple(o.name for o in impl.get_outputs()), tuple(i.name for i in impl.get_inputs()),
     )
+
+
+def open_file_session(path: Path, threads: Optional[int] = None) -> Session:
+    """An ONNX file outside any bundle, on the CPU (tests, benchmarks)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    impl = ort.InferenceSession(str(path), sess_options=so, providers=[CPU_EP])
+    return Session(Path(path).stem, CPU_EP, impl, tuple(o.name for o in impl.get_outputs()),
+                   tuple(i.name for i in impl.get_inputs()))
