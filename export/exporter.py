@@ -101,6 +101,9 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         writer.add(name, spec.component, "onnx", "fp32", [rel], error=_error_dict("", result.fp32_error),
                    profiles=profiles, extra={"export_seconds": round(result.seconds, 2)})
         log.info("%s fp32: exported in %.1f s, error %s", name, time.perf_counter() - start, result.fp32_error)
+        for array_name, array in spec.sidecar_arrays(module).items():
+            np.save(writer.path(f"{array_name}.npy"), array)
+            writer.add(array_name, spec.component, "npy", str(array.dtype), [f"{array_name}.npy"])
 
         held_out = [spec.example_inputs(module, n, seed + 1000 + i) for i, n in enumerate(spec.parity_lengths)]
         held_refs = [run_torch(module, x) for x in held_out]

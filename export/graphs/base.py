@@ -91,6 +91,10 @@ class GraphSpec(ABC):
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
         """min / opt / max shape of every input, for TensorRT."""
 
+    def sidecar_arrays(self, module: torch.nn.Module) -> Dict[str, np.ndarray]:
+        """Arrays the runtime needs beside the graph (stored as ``<name>.npy`` artifacts). Default: none."""
+        return {}
+
     def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
         """Inputs for static int8 calibration, derived from real speech. Default: none (no int8_qdq variant)."""
         return []
