@@ -1,0 +1,142 @@
+"""Live audio with sounddevice: microphone capture that ends an utterance on silence (or on a key: push-to-talk),
+and speaker playback whose output callback only reads the audio ring — it never blocks and never allocates;
+an underrun plays silence and is counted by the ring.
+
+The callbacks are plain methods, so tests drive them without a sound card.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import numpy as np
+
+from kimia_edge.runtime.rings import AudioRing
+
+MIC_RATE_HZ = 16_000  # what the encoders take; PortAudio resamples if the device cannot
+
+
+class AudioDeviceError(RuntimeError):
+    """A microphone or speaker could not be opened; the message says which and why."""
+
+
+@dataclass
+class EndpointConfig:
+    """Energy-based end of utterance. Levels in dBFS of 30 ms frames; durations in seconds."""
+
+    frame_s: float = 0.03
+    speech_db: float = -40.0  # a frame louder than this is speech
+    silence_s: float = 0.8  # this much silence after speech ends the utterance
+    min_speech_s: float = 0.3  # shorter bursts (clicks) do not count as speech
+    max_utterance_s: float = 30.0
+
+
+class EndpointDetector:
+    """Feed it blocks of samples; ``done`` turns True once speech was followed by ``silence_s`` of silence (or the
+    utterance reached its maximum). Pure numpy, no device."""
+
+    def __init__(self, sample_rate_hz: int, config: EndpointConfig = EndpointConfig()) -> None:
+        self.cfg = config
+        self.frame = max(1, int(config.frame_s * sample_rate_hz))
+        self.rate = sample_rate_hz
+        self._pending = np.zeros(0, np.float32)
+        self.speech_frames = 0
+        self.silent_frames_after_speech = 0
+        self.total_frames = 0
+        self.done = False
+
+    def push(self, samples: np.ndarray) -> bool:
+        x = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
+        n = len(x) // self.frame
+        self._pending = x[n * self.frame:]
+        if n == 0:
+            return self.done
+        frames = x[: n * self.frame].reshape(n, self.frame)
+        level_db = 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
+        min_speech = self.cfg.min_speech_s / self.cfg.frame_s
+        for loud in level_db > self.cfg.speech_db:
+            self.total_frames += 1
+            if loud:
+                self.speech_frames += 1
+                self.silent_frames_after_speech = 0
+            elif self.speech_frames >= min_speech:
+                self.silent_frames_after_speech += 1
+            if (self.speech_frames >= min_speech and self.silent_frames_after_speech * self.cfg.frame_s >= self.cfg.silence_s) \
+                    or self.total_frames * self.cfg.frame_s >= self.cfg.max_utterance_s:
+                self.done = True
+        return self.done
+
+
+class Microphone:
+    """Captures one utterance: ``record()`` returns float32 mono samples at ``MIC_RATE_HZ`` once the endpoint
+    detector fires (or ``stop()`` is called: push-to-talk)."""
+
+    def __init__(self, device: Optional[Any] = None, endpoint: EndpointConfig = EndpointConfig(),
+                 block_s: float = 0.02) -> None:
+        self.device = device
+        self.endpoint = endpoint
+        self.block = int(block_s * MIC_RATE_HZ)
+        self._blocks: List[np.ndarray] = []
+        self._done = threading.Event()
+        self._detector: Optional[EndpointDetector] = None
+        self.overflows = 0
+
+    def callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        """sounddevice input callback: copies the block (the device reuses its buffer) and runs the detector."""
+        if status and getattr(status, "input_overflow", False):
+            self.overflows += 1
+        block = indata[:, 0].copy() if indata.ndim == 2 else indata.copy()
+        self._blocks.append(block)
+        if self._detector is not None and self._detector.push(block):
+            self._done.set()
+
+    def stop(self) -> None:
+        """Ends the current utterance now (push-to-talk release)."""
+        self._done.set()
+
+    def record(self, push_to_talk: bool = False, timeout_s: Optional[float] = None) -> np.ndarray:
+        import sounddevice as sd
+
+        self._blocks, self._done = [], threading.Event()
+        self._detector = None if push_to_talk else EndpointDetector(MIC_RATE_HZ, self.endpoint)
+        try:
+            stream = sd.InputStream(samplerate=MIC_RATE_HZ, channels=1, dtype="float32", blocksize=self.block,
+                                    device=self.device, callback=self.callback)
+        except Exception as exc:  # PortAudioError, ValueError for an unknown device
+            raise AudioDeviceError(f"cannot open the microphone {self.device or '(default)'}: {exc}") from exc
+        with stream:
+            self._done.wait(timeout_s)
+        return np.concatenate(self._blocks) if self._blocks else np.zeros(0, np.float32)
+
+
+class Speaker:
+    """Plays what arrives in ``ring`` (float32 mono at ``sample_rate_hz``). The output callback only calls
+    ``ring.read_into_nowait(..., pad_silence=True)``: no lock, no allocation, silence + a counted underrun when
+    the synthesis falls behind."""
+
+    def __init__(self, ring: AudioRing, sample_rate_hz: int, device: Optional[Any] = None, block: int = 480) -> None:
+        self.ring, self.rate, self.device, self.block = ring, sample_rate_hz, device, block
+        self._stream: Any = None
+
+    def callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        self.ring.read_into_nowait(outdata.reshape(-1), pad_silence=True)
+
+    def start(self) -> None:
+        import sounddevice as sd
+
+        try:
+            self._stream = sd.OutputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.block,
+                                           device=self.device, callback=self.callback)
+            self._stream.start()
+        except Exception as exc:
+            raise AudioDeviceError(f"cannot open the speaker {self.device or '(default)'}: {exc}") from exc
+
+    def drain_and_stop(self) -> None:
+        """Waits (from the caller's thread) until the ring is closed and the device has played it out."""
+        while not (self.ring.closed and self.ring.available == 0):
+            time.sleep(self.block / self.rate)
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream.close()
