@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+from typing import Optional
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -28,6 +30,139 @@ def _bundle_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+class _Output:
+    """Where a turn's speech goes: a wav file (written at the end) and/or the speaker (played as it arrives)."""
+
+    def __init__(self, wav_path: Optional[Path], speaker: bool, sample_rate_hz: int) -> None:
+        self.wav_path, self.rate, self.pieces = wav_path, sample_rate_hz, []
+        self.speaker = None
+        if speaker:
+            from kimia_edge.runtime.audio_io import Speaker
+            from kimia_edge.runtime.rings import AudioRing
+
+            self.speaker = Speaker(AudioRing(sample_rate_hz * 120, "block"), sample_rate_hz)
+            self.speaker.start()
+
+    def add(self, samples) -> None:
+        if self.wav_path is not None:
+            self.pieces.append(samples)
+        if self.speaker is not None:
+            self.speaker.ring.write(samples)
+
+    def close(self) -> None:
+        import numpy as np
+        import soundfile as sf
+
+        if self.speaker is not None:
+            self.speaker.ring.close()
+            self.speaker.drain_and_stop()
+        if self.wav_path is not None:
+            wav = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.float32)
+            sf.write(str(self.wav_path), wav, self.rate, subtype="FLOAT")
+            print(f"wrote {self.wav_path}: {wav.size / self.rate:.2f} s at {self.rate} Hz", file=sys.stderr)
+
+
+def _pipeline(args: argparse.Namespace):
+    from kimia_edge.runtime.dit_config import StreamingConfig
+    from kimia_edge.runtime.pipeline import Pipeline
+
+    streaming = StreamingConfig(first_chunk_tokens=args.first_chunk_tokens) if args.first_chunk_tokens else None
+    return Pipeline.from_bundle(args.bundle, precision=args.precision, llm_precision=args.llm_precision,
+                                device=args.device, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                                streaming=streaming)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import json
+
+    from kimia_edge.runtime.frontend import load_audio
+    from kimia_edge.runtime.streaming import AudioEvent, TextEvent
+    from kimia_edge.runtime.tasks import generation_config
+
+    pipe = _pipeline(args)
+    out = _Output(args.output, args.speaker, pipe.c.output_sample_rate_hz)
+    turns = 0
+    try:
+        while True:
+            if args.mic:
+                from kimia_edge.runtime.audio_io import MIC_RATE_HZ, Microphone
+
+                print("listening… (speak, then pause)", file=sys.stderr)
+                samples, rate = Microphone(args.mic_device).record(push_to_talk=False), MIC_RATE_HZ
+            else:
+                samples, rate = load_audio(args.input)
+            config = generation_config(args.task, args.seed, step_limit=args.max_steps)
+            for event in pipe.turn(samples, rate, args.task, config=config, seed=args.seed, keep_history=args.mic):
+                if isinstance(event, TextEvent) and not args.json:
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AudioEvent):
+                    out.add(event.samples)
+            turns += 1
+            if args.json:
+                print(json.dumps({"text": pipe.last_text, "metrics": json.loads(pipe.last_metrics.to_json())}, ensure_ascii=False))
+            else:
+                print("\n" + pipe.last_metrics.table(), file=sys.stderr)
+            if not args.mic or (args.turns and turns >= args.turns):
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        out.close()
+    return 0
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from kimia_edge.runtime.frontend import AudioFileError, load_audio
+    from kimia_edge.runtime.tasks import generation_config
+
+    pipe = _pipeline(args)
+    failed = 0
+    for path in tqdm(args.inputs, desc="transcribe", unit="file", disable=len(args.inputs) < 2):
+        try:
+            samples, rate = load_audio(path)
+            result = pipe.run(samples, rate, "asr", config=generation_config("asr", args.seed, step_limit=args.max_steps))
+        except AudioFileError as e:  # one bad file does not lose the others
+            failed += 1
+            tqdm.write(f"error: {e}", file=sys.stderr)
+            continue
+        line = json.dumps({"file": str(path), "text": result.text}, ensure_ascii=False) if args.json else f"{path}: {result.text}"
+        tqdm.write(line)
+    return 1 if failed else 0
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8_dynamic", "int8_qdq"),
+                   help="ONNX variant of the encoders, DiT and vocoder")
+    p.add_argument("--llm-precision", help="GGUF variant (default: the smallest in the bundle)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers on the GPU (untested on GPU)")
+    p.add_argument("--first-chunk-tokens", type=int, help="smaller first detokenizer chunk = earlier first audio")
+    p.add_argument("--max-steps", type=int, help="cap on generation steps (not official)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print results and metrics as JSON")
+
+
+def _guarded(handler):
+    """Bad input ends the command with a one-line reason (exit 2), not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        from kimia_edge.runtime.audio_io import AudioDeviceError
+        from kimia_edge.runtime.frontend import AudioFileError
+        from kimia_edge.runtime.manifest import BundleError
+
+        try:
+            return handler(args)
+        except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser("selfcheck", help="check that the native extension and the run-time libraries work here")
     p.set_defaults(handler=_selfcheck)
@@ -37,3 +172,21 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     verify = bundle_sub.add_parser("verify", help="check every artifact's size and sha256 and the bundle version")
     verify.add_argument("bundle", type=Path)
     verify.set_defaults(handler=_bundle_verify)
+
+    chat = sub.add_parser("chat", help="speech conversation: speech in, text + speech out (streamed)")
+    _runtime_options(chat)
+    src = chat.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, help="speech file (any rate, any number of channels)")
+    src.add_argument("--mic", action="store_true", help="live microphone, one utterance per turn, with history")
+    chat.add_argument("--mic-device", help="sounddevice input device (name or index)")
+    chat.add_argument("--turns", type=int, help="with --mic: stop after this many turns (default: until Ctrl-C)")
+    dst = chat.add_argument_group("output (at least one)")
+    dst.add_argument("--output", type=Path, help="write the spoken answer here (24 kHz wav)")
+    dst.add_argument("--speaker", action="store_true", help="play the answer while it is generated")
+    chat.add_argument("--task", default="chat", choices=("chat", "qa", "asr"))
+    chat.set_defaults(handler=_guarded(_chat))
+
+    tr = sub.add_parser("transcribe", help="speech to text (ASR), one line per file")
+    _runtime_options(tr)
+    tr.add_argument("inputs", type=Path, nargs="+")
+    tr.set_defaults(handler=_guarded(_transcribe))

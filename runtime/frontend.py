@@ -87,6 +87,22 @@ def load_audio(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
     return to_mono(data), int(sr)
 
 
+SILENCE_PEAK_DBFS = -70.0  # below this peak level a clip holds no speech to answer
+
+
+def check_audible(samples: np.ndarray, what: str = "input") -> None:
+    """Raises AudioFileError if ``samples`` is empty, holds NaN/inf, or is silent (peak < SILENCE_PEAK_DBFS)."""
+    x = np.asarray(samples)
+    if x.size == 0:
+        raise AudioFileError(f"{what}: no samples")
+    if not np.isfinite(x).all():
+        raise AudioFileError(f"{what}: holds NaN or infinite samples")
+    peak = float(np.max(np.abs(x)))
+    peak_db = 20.0 * math.log10(peak) if peak > 0 else float("-inf")
+    if peak_db < SILENCE_PEAK_DBFS:
+        raise AudioFileError(f"{what}: silent (peak {peak_db:.1f} dBFS < {SILENCE_PEAK_DBFS:.0f} dBFS): nothing to answer")
+
+
 def to_mono(samples: np.ndarray) -> np.ndarray:
     """[S] or [S, C] (frames x channels, the soundfile/sounddevice layout) -> [S] float32 channel mean."""
     x = np.asarray(samples)

@@ -19,9 +19,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
-from kimia_edge.runtime.frontend import to_16k_mono
+from kimia_edge.runtime.dit_config import DitConfig, StreamingConfig
+from kimia_edge.runtime.frontend import check_audible, to_16k_mono
 from kimia_edge.runtime.generation import GenerationConfig
 from kimia_edge.runtime.llm_backend import LLMBackend
+from kimia_edge.runtime.manifest import Artifact, BundleError, Manifest, load_bundle
 from kimia_edge.runtime.metrics import RunMetrics
 from kimia_edge.runtime.prompt import AudioEncoding, build_prompt
 from kimia_edge.runtime.special_tokens import SpecialTokens
@@ -48,7 +50,75 @@ class Components:
     providers: Dict[str, str] = field(default_factory=dict)
 
 
+VQ_PRECISIONS = ("fp32", "fp16")  # a flipped semantic id changes the LLM's input
+DEFAULT_LLM_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "F32")  # smallest listed first
+
+
+def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
+    try:
+        return manifest.artifact(name, precision)
+    except BundleError:
+        log.warning("%s: no %s variant in the bundle, using fp32", name, precision)
+        return manifest.artifact(name, "fp32")
+
+
+def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precision: Optional[str] = None,
+                           device: str = "auto", threads: Optional[int] = None, n_gpu_layers: int = 0,
+                           streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None) -> Components:
+    """Opens every artifact of a verified bundle. ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic |
+    int8_qdq; graphs without it fall back to fp32, logged); ``llm_precision``: GGUF variant (default: the smallest
+    one the bundle has)."""
+    from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
+    from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
+    from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
+    from kimia_edge.runtime.sessions import open_session
+
+    bundle = Path(bundle)
+    manifest = load_bundle(bundle)
+    model = manifest.model
+    # int8 flipped 2-62 of 177 ids on real speech (tests/test_encoder_graphs.py): the VQ encoder stays at fp32/fp16
+    chosen = {name: precision for name in ("whisper_encoder", "dit_step", "vocoder")}
+    chosen["vq_encoder"] = precision if precision in VQ_PRECISIONS else "fp32"
+    sessions = {name: open_session(bundle, _pick(manifest, name, p), device=device, threads=threads, cache_dir=cache_dir)
+                for name, p in chosen.items()}
+    codebook = np.load(bundle / manifest.artifact("vq_codebook").path)
+    tokenizer = OnnxAudioTokenizer(sessions["vq_encoder"], sessions["whisper_encoder"], codebook,
+                                   model["vq_encoder"], model["whisper_encoder"])
+
+    have = {a.precision for a in manifest.artifacts if a.name == "llm_trunk"}
+    if llm_precision is None:
+        llm_precision = next((p for p in DEFAULT_LLM_PREFERENCE if p in have), None)
+    if llm_precision not in have:
+        raise BundleError(f"bundle has no LLM at {llm_precision!r}; it has {sorted(have)}")
+    adaptor = [a for a in manifest.artifacts if a.name == "llm_adaptor"]
+    backend = LlamaCppBackend(bundle / manifest.artifact("llm_trunk", llm_precision).path,
+                              bundle / manifest.artifact("llm_audio", llm_precision).path,
+                              bundle / adaptor[0].path if adaptor else None,
+                              n_threads=threads, n_gpu_layers=n_gpu_layers)
+
+    dit = DitConfig(**model["dit"])
+    dit.validate()
+    streaming = streaming or StreamingConfig.from_dict(model["streaming"])
+    dit_step = OnnxDitStep(sessions["dit_step"], dit.depth, dit.num_heads, dit.head_dim)
+    vocoder = OnnxVocoder(sessions["vocoder"])
+    text_dir = bundle / manifest.artifact("text_tokenizer").path.split("/")[0]
+    providers = {name: f"{s.provider} ({_pick(manifest, name, chosen[name]).precision})" for name, s in sessions.items()}
+    providers["llm"] = f"llama.cpp {llm_precision}" + (f", {n_gpu_layers} layers on GPU" if n_gpu_layers else " (CPU)")
+    return Components(
+        encode_audio=tokenizer.encode, backend=backend,
+        make_detokenizer=lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise),
+        tokens=SpecialTokens.from_snapshot(text_dir), text_tokenizer=TextTokenizer.from_snapshot(text_dir),
+        token_offset=int(model["llm"]["kimia_token_offset"]),
+        output_sample_rate_hz=int(model["vocoder"]["sampling_rate"]), providers=providers,
+    )
+
+
 class Pipeline:
+    @classmethod
+    def from_bundle(cls, bundle: Path, **options: Any) -> "Pipeline":
+        """A pipeline over a bundle's artifacts; ``options`` as :func:`components_from_bundle`."""
+        return cls(components_from_bundle(bundle, **options))
+
     def __init__(self, components: Components) -> None:
         self.c = components
         self.history: List[Dict[str, Any]] = []
@@ -63,6 +133,7 @@ class Pipeline:
         if task not in TASK_TABLE:
             raise ValueError(f"task must be one of {tuple(TASK_TABLE)}, got {task!r}")
         start = time.perf_counter()
+        check_audible(samples)
         clip = to_16k_mono(np.asarray(samples, dtype=np.float32), sample_rate_hz)
         config = config or generation_config(task, seed)
         encoded: Dict[int, AudioEncoding] = {}

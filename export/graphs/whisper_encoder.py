@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
-from kimia_edge.export.reference.whisper_encoder import WhisperEncoder, load_whisper_encoder
+from kimia_edge.export.reference.whisper_encoder import load_whisper_encoder
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.manifest import ShapeProfile
 
@@ -59,9 +59,9 @@ class WhisperEncoderGraph(GraphSpec):
     dynamic_axes: Dict[str, Dict[int, str]] = {}
     # static graph: two parity inputs of the one legal shape (different seeds)
     parity_lengths = (fe.N_FRAMES, fe.N_FRAMES)
-    # 32 layers at full size accumulate more ORT-vs-torch rounding than the vocoder; measured on the official
-    # fixture encoder (2 layers): see tests/test_encoder_graphs.py.
-    fp32_tolerance = ErrorStats(max_abs=5e-4, rel_l2=5e-5)
+    # Measured ORT vs torch: 4.1e-6 / 6.2e-7 (official fixture, 2 layers), 3.6e-6 / 5.5e-7 ("small": 32 layers,
+    # d 256). Twice the MANIFEST's 1e-4 fp32 threshold leaves room for the full width (d 1280) without hiding a bug.
+    fp32_tolerance = ErrorStats(max_abs=2e-4, rel_l2=2e-5)
 
     def build(self, snapshot: Path) -> torch.nn.Module:
         return load_whisper_encoder(Path(snapshot), dtype=torch.float32)
@@ -79,7 +79,6 @@ class WhisperEncoderGraph(GraphSpec):
 
     def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
         """Log-mels of every 30 s segment of the speech clips (and of crops of them), as the runtime computes them."""
-        assert isinstance(module, WhisperEncoder)
         feeds = []
         for crop in speech_crops(context.speech_16k):
             for segment in fe.segment_30s(crop):

@@ -5,9 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from kimia_edge import __version__
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from kimia_edge.demo import run_demo
+
+    return run_demo(args.cache, args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kimia-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = sub.add_parser("demo", help="run the whole path offline on a built-in tiny model and clip (about a minute)")
+    demo.add_argument("--output", type=Path, default=Path("kimia-edge-demo.wav"))
+    demo.add_argument("--cache", type=Path, help="where the demo snapshot and bundle live (default: ~/.cache/kimia-edge)")
+    demo.set_defaults(handler=_demo)
     runtime_cli.register(sub)
     export_cli.register(sub)
     return parser
