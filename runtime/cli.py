@@ -49,14 +49,15 @@ class _Output:
         if self.speaker is not None:
             self.speaker.ring.write(samples)
 
-    def close(self) -> None:
+    def close(self, write: bool) -> None:
+        """Stops playback; writes the wav only if the turn ran (no empty answer file after an error)."""
         import numpy as np
         import soundfile as sf
 
         if self.speaker is not None:
             self.speaker.ring.close()
             self.speaker.drain_and_stop()
-        if self.wav_path is not None:
+        if self.wav_path is not None and write:
             wav = np.concatenate(self.pieces) if self.pieces else np.zeros(0, np.float32)
             sf.write(str(self.wav_path), wav, self.rate, subtype="FLOAT")
             print(f"wrote {self.wav_path}: {wav.size / self.rate:.2f} s at {self.rate} Hz", file=sys.stderr)
@@ -81,7 +82,7 @@ def _chat(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args)
     out = _Output(args.output, args.speaker, pipe.c.output_sample_rate_hz)
-    turns = 0
+    turns, ok = 0, False
     try:
         while True:
             if args.mic:
@@ -104,10 +105,11 @@ def _chat(args: argparse.Namespace) -> int:
                 print("\n" + pipe.last_metrics.table(), file=sys.stderr)
             if not args.mic or (args.turns and turns >= args.turns):
                 break
+        ok = True
     except KeyboardInterrupt:
-        pass
+        ok = turns > 0
     finally:
-        out.close()
+        out.close(write=ok)
     return 0
 
 

@@ -162,7 +162,7 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int
         torch.onnx.export(
             module, tuple(example), str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
             dynamic_shapes=spec.dynamic_shapes(module), opset_version=OPSET, dynamo=True, external_data=False,
-            optimize=True,
+            optimize=True, verbose=False,
         )
     onnx.checker.check_model(str(path), full_check=True)
     worst = ErrorStats(0.0, 0.0)

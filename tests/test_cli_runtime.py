@@ -1,0 +1,99 @@
+"""The run-time commands on a real bundle, and bad input: each case ends with a one-line reason (exit 2) and
+names what was wrong."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from kimia_edge.cli import main
+from kimia_edge.export.snapshot.make import make_snapshot
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    snap = make_snapshot(root / "snap", "tiny", seed=61)
+    assert main(["export", "--snapshot", str(snap), "--out", str(root / "bundle"), "--precision", "fp32",
+                 "--llm-quants"]) == 0
+    return root / "bundle"
+
+
+def test_chat_writes_speech_and_json(bundle: Path, shared_audio: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "answer.wav"
+    code = main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--output", str(out),
+                 "--max-steps", "40", "--seed", "1", "--json", "--first-chunk-tokens", "10"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["metrics"]["llm_steps"] == 40 and result["metrics"]["first_audio_s"] > 0
+    assert sf.info(out).samplerate == 24_000 and sf.info(out).frames == (40 - 6) * 1920
+
+
+def test_transcribe_many_files_one_bad(bundle: Path, shared_audio: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt ")  # truncated header
+    code = main(["transcribe", "--bundle", str(bundle), str(shared_audio / "asr_example_zh.wav"), str(bad),
+                 "--max-steps", "5", "--json"])
+    captured = capsys.readouterr()
+    assert code == 1  # one file failed, the other was still transcribed
+    assert json.loads(captured.out.strip().splitlines()[0])["file"].endswith("asr_example_zh.wav")
+    assert "broken.wav: cannot read audio" in captured.err
+
+
+def _write(path: Path, data: np.ndarray, rate: int = 16_000) -> Path:
+    sf.write(str(path), data, rate)
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "audio file not found"),
+    ("empty", "holds no samples"),
+    ("silent", "silent"),
+    ("text", "cannot read audio"),
+])
+def test_bad_audio_is_refused_with_the_reason(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              case: str, message: str) -> None:
+    path = {
+        "missing": tmp_path / "nope.wav",
+        "empty": _write(tmp_path / "empty.wav", np.zeros(0, np.float32)) if case == "empty" else None,
+        "silent": _write(tmp_path / "silent.wav", np.zeros(16000, np.float32)) if case == "silent" else None,
+        "text": tmp_path / "notes.wav",
+    }[case]
+    if case == "text":
+        path.write_text("this is not audio")
+    assert main(["chat", "--bundle", str(bundle), "--input", str(path), "--output", str(tmp_path / "o.wav")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error:")
+
+
+def test_many_channels_at_another_rate_are_mixed_down(bundle: Path, shared_audio: Path, tmp_path: Path) -> None:
+    data, rate = sf.read(str(shared_audio / "qa_example.wav"), dtype="float32")
+    six = _write(tmp_path / "six.flac", np.stack([data] * 6, axis=1), rate)
+    assert main(["chat", "--bundle", str(bundle), "--input", str(six), "--output", str(tmp_path / "o.wav"),
+                 "--max-steps", "8", "--task", "qa"]) == 0
+
+
+def test_altered_or_incomplete_bundle_is_refused(bundle: Path, shared_audio: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "dit_step.fp32.onnx").unlink()
+    args = ["chat", "--bundle", str(broken), "--input", str(shared_audio / "qa_example.wav"), "--output", str(tmp_path / "o.wav")]
+    assert main(args) == 2
+    assert "dit_step.fp32.onnx is missing" in capsys.readouterr().err
+    assert main(["chat", "--bundle", str(tmp_path), "--input", "x.wav", "--output", "o.wav"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_unopenable_speaker_is_refused(bundle: Path, shared_audio: Path, capsys: pytest.CaptureFixture,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import sounddevice as sd
+
+    if sd.query_devices():
+        pytest.skip("this machine has a sound device: the no-device error cannot be provoked")
+    assert main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--speaker"]) == 2
+    assert "cannot open the speaker" in capsys.readouterr().err
