@@ -98,7 +98,8 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         start = time.perf_counter()
         result = export_graph(spec, module, writer.path(rel), seed=seed)
         profiles = spec.profiles(module)
-        writer.add(name, spec.component, "onnx", "fp32", [rel], error=_error_dict("", result.fp32_error),
+        files = [str(f.relative_to(writer.root)) for f in result.files]
+        writer.add(name, spec.component, "onnx", "fp32", files, error=_error_dict("", result.fp32_error),
                    profiles=profiles, extra={"export_seconds": round(result.seconds, 2)})
         log.info("%s fp32: exported in %.1f s, error %s", name, time.perf_counter() - start, result.fp32_error)
         for array_name, array in spec.sidecar_arrays(module).items():

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 18
+# protobuf caps a single file at 2 GiB; larger graphs keep their weights in "<file>.data" beside them
+EXTERNAL_DATA_ABOVE_BYTES = 1_500_000_000
 
 
 @dataclass
@@ -120,6 +122,16 @@ class ExportResult:
     fp32_error: ErrorStats
     seconds: float
 
+    @property
+    def files(self) -> List[Path]:
+        """The graph and, for large graphs, its external-data file."""
+        data = self.path.with_name(self.path.name + ".data")
+        return [self.path] + ([data] if data.exists() else [])
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
 
 def run_torch(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> List[np.ndarray]:
     with torch.inference_mode():
@@ -161,7 +173,8 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int
         warnings.simplefilter("ignore")  # the exporter is chatty about things that do not concern us
         torch.onnx.export(
             module, tuple(example), str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
-            dynamic_shapes=spec.dynamic_shapes(module), opset_version=OPSET, dynamo=True, external_data=False,
+            dynamic_shapes=spec.dynamic_shapes(module), opset_version=OPSET, dynamo=True,
+            external_data=parameter_bytes(module) > EXTERNAL_DATA_ABOVE_BYTES,
             optimize=True, verbose=False,
         )
     onnx.checker.check_model(str(path), full_check=True)
