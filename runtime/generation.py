@@ -14,6 +14,13 @@ Per step i (0-based):
 
 The loop is a generator of :class:`GenerationStep` events, so text can be streamed to the caller and audio tokens
 handed to the detokenizer as they come.
+
+Exact savings (``GenerationConfig.skip_unused_heads``, on by default; not in the official loop): a stream whose
+next id is forced (audio in "text" mode and during the delay; text after its EOS) is not sampled, and the backend is
+told it does not need that head (``need_text`` / ``need_audio``, runtime/llm_backend.py): a text-only turn never
+runs the audio branch, and once the text has ended the trunk's head is not computed. The random stream stays the
+same as without the savings: a skipped stream whose sampler would have drawn consumes its one uniform (the sampler
+draws exactly one per sampled token), so seeded runs give identical tokens either way.
 """
 from __future__ import annotations
 
@@ -22,9 +29,9 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
-from .llm_backend import LLMBackend
+from .llm_backend import LLMBackend, accepts_head_flags, step_heads
 from .prompt import Prompt
-from .sampler import SamplerParams, sample_token
+from .sampler import GREEDY_TEMPERATURE, SamplerParams, sample_token
 from .special_tokens import SpecialTokens
 
 __all__ = ["GenerationConfig", "GenerationStep", "GenerationResult", "generate_steps", "generate",
@@ -57,6 +64,8 @@ class GenerationConfig:
     # Not official: an extra cap on loop iterations in both modes (None = the official budgets only). Random-weight
     # test models rarely emit a stop token; this bounds demos and tests.
     step_limit: Optional[int] = None
+    # Not official: skip the heads (and the sampling) of streams whose next id is forced; exact (module docstring).
+    skip_unused_heads: bool = True
 
     def validate(self) -> None:
         """Raises ValueError naming the bad field."""
@@ -108,6 +117,26 @@ class GenerationResult:
     stop: str
 
 
+def _prefill(backend: LLMBackend, prompt: Prompt, need_audio: bool, flags: bool):
+    args = (prompt.audio_ids, prompt.text_ids, prompt.stacked_features(), prompt.continuous_mask)
+    if flags:
+        return backend.prefill(*args, need_text=True, need_audio=need_audio)  # type: ignore[call-arg]
+    return backend.prefill(*args)
+
+
+def _needed(logits: Optional[np.ndarray], head: str) -> np.ndarray:
+    if logits is None or np.asarray(logits).size == 0:
+        raise ValueError(f"the backend returned no {head} logits where the loop samples them "
+                         f"(a text_only backend cannot run output_type='both')")
+    return logits
+
+
+def _skip_draw(params: SamplerParams, rng: np.random.Generator) -> None:
+    """Consumes what sample_token would have drawn for a stream that is not sampled (one uniform when sampling)."""
+    if params.temperature > GREEDY_TEMPERATURE:
+        rng.random()
+
+
 def generate_steps(backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, token_offset: int,
                    config: GenerationConfig) -> Iterator[GenerationStep]:
     """Resets ``backend``, prefills ``prompt`` and yields one :class:`GenerationStep` per iteration."""
@@ -117,17 +146,38 @@ def generate_steps(backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, t
     backend.reset()
     if max_steps <= 0:
         return
-    text_logits, audio_logits = backend.prefill(prompt.audio_ids, prompt.text_ids, prompt.stacked_features(),
-                                                prompt.continuous_mask)
+    skip = config.skip_unused_heads
+    flags = skip and accepts_head_flags(backend)
+    text_mode = config.output_type == "text"
+
+    def audio_forced(i: int) -> bool:
+        return i < config.audio_delay_tokens or text_mode
+
+    text_logits, audio_logits = _prefill(backend, prompt, not audio_forced(0), flags)
     text_hist = np.zeros(max_steps, dtype=np.int64)
     audio_hist = np.zeros(max_steps, dtype=np.int64)
     text_done = False
     audio_stops = set(tokens.audio_stop_ids)
     for i in range(max_steps):
         if i > 0:
-            text_logits, audio_logits = backend.step(int(audio_hist[i - 1]), int(text_hist[i - 1]))
-        t = sample_token(text_logits, config.text, rng, text_hist[:i] if i > 0 else None)
-        a = sample_token(audio_logits, config.audio, rng, audio_hist[:i] if i > 0 else None)
+            if skip:
+                text_logits, audio_logits = step_heads(backend, int(audio_hist[i - 1]), int(text_hist[i - 1]),
+                                                       need_text=not text_done, need_audio=not audio_forced(i),
+                                                       flags=flags)
+            else:
+                text_logits, audio_logits = backend.step(int(audio_hist[i - 1]), int(text_hist[i - 1]))
+        recent_t = text_hist[:i] if i > 0 else None
+        recent_a = audio_hist[:i] if i > 0 else None
+        if skip and text_done:
+            _skip_draw(config.text, rng)
+            t = tokens.text_blank
+        else:
+            t = sample_token(_needed(text_logits, "text"), config.text, rng, recent_t)
+        if skip and audio_forced(i):
+            _skip_draw(config.audio, rng)
+            a = tokens.text_blank
+        else:
+            a = sample_token(_needed(audio_logits, "audio"), config.audio, rng, recent_a)
         text_token = None
         if text_done:
             t = tokens.text_blank
@@ -136,13 +186,13 @@ def generate_steps(backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, t
         elif t < token_offset:
             text_token = t
         audio_token = None
-        if i < config.audio_delay_tokens or config.output_type == "text":
+        if audio_forced(i):
             a = tokens.text_blank
         elif a >= token_offset:
             audio_token = a - token_offset
         text_hist[i], audio_hist[i] = t, a
         stop = None
-        if config.output_type == "text" and text_done:
+        if text_mode and text_done:
             stop = "text_eos"
         elif config.output_type == "both" and a in audio_stops:
             stop = "audio_eos"

@@ -20,7 +20,9 @@ small snapshot, 2 cores) A and B cost the same within 1 % (F16 30.6 vs 30.3 ms, 
 callback itself costs ~0.3-0.5 ms/step). B only wins once the text stream has ended (it can skip layers fork+1..N-1;
 18.5 vs 20.1 ms F16) but needs a third file with a dummy 1-row head, one more decode call per step, and a KV backfill
 of the skipped text tail before the next turn. A keeps a stock, self-contained text model and skips only the
-trunk's head when the text has ended (``step(..., text_logits=False)``).
+trunk's head when the text has ended (``step(..., need_text=False)``), and defers the audio model while its logits
+are not needed (``need_audio=False``: text-only tasks never run it; rows waiting through the audio delay are
+decoded in one batch when audio logits are first asked for).
 
 Both models keep their own KV cache (sequence 0) in step. Exact-parity settings (flash attention off, F32 KV
 cache) are the ``exact=True`` option. The callback leans on the ggml ABI (``ggml_get_name``, ``ggml_nbytes``,
@@ -40,6 +42,8 @@ import numpy as np
 
 import gguf
 import llama_cpp as llama
+
+from .llm_backend import StepLogits
 
 __all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
            "FeatureAdaptor",
@@ -340,7 +344,6 @@ class LlamaModel:
 
 
 # ------------------------------------------------------------------------------------------------ backend
-_EMPTY = np.zeros(0, dtype=np.float32)
 
 
 class LlamaCppBackend:
@@ -349,7 +352,7 @@ class LlamaCppBackend:
     trunk_path / audio_path / adaptor_path: the GGUF files (audio and adaptor may be None: text_only mode / no
     continuous features). n_ctx: KV positions per model. n_batch: tokens per llama_decode call (longer prompts are
     split). exact: flash attention off and F32 KV cache (parity tests). text_only: the audio model is never loaded
-    nor run (audio logits are returned empty, shape [0]). feature_scale: overrides the sqrt(2) stored in the file
+    nor run and no eval callback is installed (audio logits are always None; ASR / audio QA). feature_scale: overrides the sqrt(2) stored in the file
     (the file holds the value in the snapshot dtype, bf16 1.4140625; an fp32 reference uses 1.4142135).
     """
 
@@ -387,6 +390,8 @@ class LlamaCppBackend:
             raise
         self.n_ctx = n_ctx
         self._position = 0
+        self._audio_position = 0
+        self._pending: List[np.ndarray] = []
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -434,45 +439,65 @@ class LlamaCppBackend:
         return x
 
     # ---- decoding -------------------------------------------------------------------------------------------
-    def _decode(self, x: np.ndarray, text_logits: bool, audio_logits: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, x: np.ndarray, need_text: bool, need_audio: bool) -> StepLogits:
+        """Trunk on ``x`` [T, hidden]; the audio model on the captured layer-fork rows, deferred until audio logits
+        are needed (the rows wait in ``_pending``; then every waiting row is decoded in one call)."""
         t = x.shape[0]
         if self._position + t > self.n_ctx:
             raise ValueError(f"context full: {self._position} + {t} positions > n_ctx={self.n_ctx}")
-        pos0 = self._position
-        text = self.trunk.decode(x, pos0, want_logits=text_logits)
-        audio = _EMPTY
+        text = self.trunk.decode(x, self._position, want_logits=need_text)
+        audio = None
         if self.audio is not None:
             hidden = self.capture.take()
             if hidden.shape[0] != t:
                 raise LlamaCppError(f"captured {hidden.shape[0]} rows of l_out-{self.info.fork_layer}, expected {t}")
-            audio = self.audio.decode(hidden, pos0, want_logits=audio_logits)
+            self._pending.append(hidden)
+            if need_audio:
+                rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending, axis=0)
+                self._pending = []
+                audio = self.audio.decode(rows, self._audio_position, want_logits=True)
+                self._audio_position += rows.shape[0]
         self._position += t
-        return (text if text is not None else _EMPTY), (audio if audio is not None else _EMPTY)
+        return text, audio
+
+    @property
+    def audio_pending(self) -> int:
+        """Positions whose layer-fork states wait for the audio model (it has not run on them yet)."""
+        return sum(h.shape[0] for h in self._pending)
 
     def reset(self) -> None:
         for m in self._models:
             m.clear()
         if self.capture is not None:
             self.capture.chunks = []
+        self._pending = []
         self._position = 0
+        self._audio_position = 0
 
     def prefill(self, audio_ids: np.ndarray, text_ids: np.ndarray, features: Optional[np.ndarray],
-                continuous_mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Resets, then runs the prompt at positions 0..L-1; returns last-position (text, audio) logits [V]."""
+                continuous_mask: np.ndarray, *, need_text: bool = True, need_audio: bool = True) -> StepLogits:
+        """Resets, then runs the prompt at positions 0..L-1; returns last-position (text, audio) logits [V], None
+        for a head not needed (``need_*`` as in :meth:`step`)."""
         self.reset()
-        return self.append(audio_ids, text_ids, features, continuous_mask)
+        return self.append(audio_ids, text_ids, features, continuous_mask, need_text=need_text,
+                           need_audio=need_audio)
 
     def append(self, audio_ids: np.ndarray, text_ids: np.ndarray, features: Optional[np.ndarray] = None,
-               continuous_mask: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Multi-turn: runs more prompt positions after the cached ones (no reset); same arguments as prefill."""
+               continuous_mask: Optional[np.ndarray] = None, *, need_text: bool = True,
+               need_audio: bool = True) -> StepLogits:
+        """Multi-turn: runs more prompt positions after the cached ones (no reset); same arguments as prefill.
+        Audio-branch work deferred by earlier skipped audio heads is caught up here when audio logits are needed."""
         x = self.embed_inputs(audio_ids, text_ids, features, continuous_mask)
         if x.shape[0] == 0:
             raise ValueError("expected at least one position")
-        return self._decode(x, text_logits=True)
+        return self._decode(x, need_text, need_audio)
 
-    def step(self, audio_id: int, text_id: int, *, text_logits: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-        """Feeds one (audio, text) pair at the next position; returns (text, audio) logits [V] (empty [0] arrays
-        for a head that was not run: text_logits=False skips the trunk's head, e.g. once the text stream ended;
-        text_only never runs the audio model)."""
+    def step(self, audio_id: int, text_id: int, *, need_text: bool = True, need_audio: bool = True) -> StepLogits:
+        """Feeds one (audio, text) pair at the next position; returns (text, audio) logits [V].
+
+        need_text=False: the trunk's head is not computed (its layers still run), text logits None (e.g. once the
+        text stream has ended). need_audio=False: the audio model is not run now (its input rows wait until audio
+        logits are next asked for), audio logits None (text-only tasks, the audio delay). A text_only backend
+        never has audio logits (always None)."""
         x = self.embed_inputs(np.array([audio_id]), np.array([text_id]), None, None)
-        return self._decode(x, text_logits=text_logits)
+        return self._decode(x, need_text, need_audio)

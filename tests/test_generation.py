@@ -199,3 +199,20 @@ def test_step_limit_caps_both_official_budgets() -> None:
     assert GenerationConfig(output_type="text", max_new_tokens=10, step_limit=30).max_steps(100) == 10
     with pytest.raises(ValueError, match="step_limit"):
         GenerationConfig(step_limit=-1).validate()
+
+
+def test_savings_keep_the_seeded_random_stream(snap):
+    """Skipping forced streams consumes the sampler's draw, so sampled runs are identical with and without the
+    savings (text mode: audio forced every step; both mode: audio forced during the delay)."""
+    model = _model(snap)
+    cfg = model.config
+    sampled = SamplerParams(1.0, 10, 1.0, 16)
+    backend = TorchLLMBackend(model)
+    for output_type in ("text", "both"):
+        prompt = _prompt(cfg, output_type)
+        runs = [list(generate_steps(backend, prompt, T, cfg.kimia_token_offset,
+                                    GenerationConfig(output_type=output_type, text=sampled, audio=sampled, seed=3,
+                                                     step_limit=AUDIO_DELAY_TOKENS + 4, skip_unused_heads=skip)))
+                for skip in (False, True)]
+        assert runs[0] == runs[1], output_type
+        assert len(runs[0]) == AUDIO_DELAY_TOKENS + 4 or runs[0][-1].stop is not None

@@ -4,6 +4,7 @@ Tolerance: both heads' logits agree to LOGIT_ATOL (absolute, on logits of magnit
 F32 GGUF with exact settings (flash attention off, F32 KV cache) measured ~2e-6 on the tiny snapshot."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -19,13 +20,19 @@ from kimia_edge.export.reference.llm import MoonshotKimia, continuous_feature_sc
 from kimia_edge.export.reference.llm_backend import TorchLLMBackend
 from kimia_edge.export.snapshot.llm import write_llm
 from kimia_edge.runtime import llm_llamacpp
+from kimia_edge.runtime.generation import AUDIO_DELAY_TOKENS, GenerationConfig, generate_steps
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
+from kimia_edge.runtime.prompt import AudioEncoding, Message, build_prompt
+from kimia_edge.runtime.sampler import SamplerParams
+from kimia_edge.runtime.special_tokens import SpecialTokens
 
 LOGIT_ATOL = 5e-5       # F32 GGUF, exact settings vs fp32 torch (measured ~2e-6)
 GREEDY_STEPS = 40
 SEED = 1234
 FP32_SQRT2 = float(continuous_feature_scale(torch.float32))
+TOKENS = SpecialTokens()
+GREEDY = SamplerParams(0.0, 5, 1.0, 16)
 
 
 def _export(tmp: Path, size: str, precision: str = "f32"):
@@ -200,24 +207,35 @@ def test_reset_and_multi_turn_reuse(tiny):
             np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_text_only_and_skipped_text_head(tiny):
+def test_text_only_and_skipped_heads(tiny):
     _, res, model = tiny
     rng = np.random.default_rng(11)
     audio, text, feats, mask = _prompt(model.config, rng)
     ref = TorchLLMBackend(model)
     t_ref, a_ref = ref.prefill(audio, text, feats, mask)
     with _backend(res, text_only=True) as be:
+        assert be.capture is None and be.audio is None  # no audio model, no eval callback
         t, a = be.prefill(audio, text, feats, mask)
-        assert a.shape == (0,)
+        assert a is None
         _close(t, t_ref, "text_only text")
     with _backend(res) as be:
         be.prefill(audio, text, feats, mask)
-        t, a = be.step(11, 12, text_logits=False)
+        t, a = be.step(11, 12, need_text=False)
         t2_ref, a2_ref = ref.step(11, 12)
-        assert t.shape == (0,)
+        assert t is None
         _close(a, a2_ref, "audio with skipped text head")
         for x, y in zip(be.step(13, 14), ref.step(13, 14)):
             _close(x, y, "step after skipped text head")
+        # skipped audio heads: the audio model waits, then catches up in one call
+        for k in range(3):
+            t, a = be.step(15 + k, 16 + k, need_audio=False)
+            assert a is None and be.audio_pending == k + 1
+            _close(t, ref.step(15 + k, 16 + k)[0], "text with skipped audio head")
+        t, a = be.step(20, 21)
+        t_r, a_r = ref.step(20, 21)
+        assert be.audio_pending == 0
+        _close(t, t_r, "text after catch-up")
+        _close(a, a_r, "audio after catch-up")
 
 
 def test_errors_are_clear(tiny):
@@ -232,6 +250,59 @@ def test_errors_are_clear(tiny):
             be.step(model.config.vocab_size, 1)
     with pytest.raises(ValueError, match="trunk"):
         LlamaCppBackend(res.audio, text_only=True)
+
+
+# ------------------------------------------------------------------------------------------ generation loop
+LOOP_STEPS = 48
+
+
+def _loop_prompt(cfg, output_type: str):
+    sem = np.arange(20, 28)
+    feats = np.random.default_rng(0).standard_normal((8, cfg.kimia_adaptor_input_dim)).astype(np.float32)
+    return build_prompt([Message("user", "text", "hi"), Message("user", "audio", "x")], output_type, TOKENS,
+                        cfg.kimia_token_offset, lambda s: [ord(c) for c in s], lambda c: AudioEncoding(sem, feats))
+
+
+def _run(backend, prompt, tokens, cfg, output_type: str, skip: bool):
+    gcfg = GenerationConfig(output_type=output_type, text=GREEDY, audio=GREEDY, step_limit=LOOP_STEPS,
+                            skip_unused_heads=skip)
+    return [(s.text_id, s.audio_id, s.stop) for s in generate_steps(backend, prompt, tokens, cfg.kimia_token_offset,
+                                                                     gcfg)]
+
+
+@pytest.mark.parametrize("output_type", ["text", "both"])
+def test_loop_savings_give_the_golden_tokens(tiny, output_type):
+    """The loop with the exact savings on llama.cpp = the loop without them on the torch reference (greedy, both
+    streams, 48 steps). In "both" mode the text EOS is set to an id the model emits mid-run, so that the text-ended
+    path (trunk head skipped) runs for the rest of the turn."""
+    _, res, model = tiny
+    cfg = model.config
+    prompt = _loop_prompt(cfg, output_type)
+    ref = TorchLLMBackend(model)
+    tokens = TOKENS
+    golden = _run(ref, prompt, tokens, cfg, output_type, skip=False)
+    if output_type == "both":
+        seen = set()
+        for i, (t, _, _) in enumerate(golden):
+            if i >= AUDIO_DELAY_TOKENS + 4 and t not in seen:
+                tokens = dataclasses.replace(TOKENS, text_eos=t)
+                break
+            seen.add(t)
+        golden = _run(ref, prompt, tokens, cfg, output_type, skip=False)
+        ended = [i for i, (t, _, _) in enumerate(golden) if t == tokens.text_eos]
+        assert ended and ended[0] < LOOP_STEPS - 20, "the text stream should end early in the run"
+    assert len(golden) == LOOP_STEPS, f"golden run stopped early: {golden[-1]}"
+    with _backend(res) as be:
+        assert _run(be, prompt, tokens, cfg, output_type, skip=True) == golden
+        if output_type == "text":  # the audio branch never ran: every position still waits for it
+            assert be.audio_pending == be.position
+        assert _run(be, prompt, tokens, cfg, output_type, skip=False) == golden
+    assert _run(ref, prompt, tokens, cfg, output_type, skip=True) == golden  # torch ignores the flags
+    if output_type == "text":
+        with _backend(res, text_only=True) as be:
+            assert _run(be, prompt, tokens, cfg, output_type, skip=True) == golden
+            with pytest.raises(ValueError, match="no audio logits"):
+                _run(be, prompt, tokens, cfg, "both", skip=True)
 
 
 # ------------------------------------------------------------------------------------------ other precisions
