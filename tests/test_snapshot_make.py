@@ -34,6 +34,20 @@ def test_tiny_is_small_and_components_agree(tiny: Path) -> None:
     assert voc_cfg.num_mels == dit_cfg.input_size and voc_cfg.hop_size == 480  # 50 Hz mel -> 24 kHz
 
 
+@pytest.mark.parametrize("size", ["tiny", "small", "full"])
+def test_every_size_is_consistent_across_components(size: str) -> None:
+    """Checked on the configs each writer would write (no weights): a mismatch here breaks the whole chain."""
+    from kimia_edge.export.snapshot.audio_encoders import vq_config_for_size, whisper_config_for_size
+    from kimia_edge.export.snapshot.detokenizer import dit_config_for_size
+    from kimia_edge.export.snapshot.llm import _SIZES, _config_dict
+    from kimia_edge.runtime.llm_config import KimiaConfig
+
+    llm = KimiaConfig.from_dict(_config_dict(_SIZES[size]))
+    codebook = llm.vocab_size - llm.kimia_token_offset
+    assert llm.kimia_adaptor_input_dim == 4 * whisper_config_for_size(size)["d_model"]
+    assert vq_config_for_size(size)["quantize_vocab_size"] == codebook == dit_config_for_size(size).semantic_vocab_size
+
+
 def test_same_seed_same_bytes_and_subsets_match(tiny: Path, tmp_path: Path) -> None:
     part = make_snapshot(tmp_path / "voc", "tiny", seed=3, components=["vocoder"])
     assert (part / "vocoder/model.pt").read_bytes() == (tiny / "vocoder/model.pt").read_bytes()

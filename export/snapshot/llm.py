@@ -133,7 +133,7 @@ _SIZES = {
     # the official fixtures.
     "tiny": _Size(16, 32, 4, 2, 1, 2, 1, 512, 256, 16 << 10),
     # same depth-wise structure as full, widths multiples of 256 (K-quants), head_dim 128 like full.
-    "small": _Size(512, 1024, 28, 6, 21, 4, 2, 16384, 5120, 100 << 20),
+    "small": _Size(512, 1024, 28, 6, 21, 4, 2, 16384, 1024, 100 << 20),  # adaptor in = 4 x small Whisper d_model 256
     # Kimi-Audio-7B-Instruct (reference §2.1).
     "full": _Size(3584, 18944, 28, 6, 21, 28, 4, 16384, 5120, 500 << 20),
 }
