@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import threading
@@ -45,6 +43,7 @@ import gguf
 import llama_cpp
 from kimia_edge.runtime.llm_llamacpp import HiddenCapture, LlamaCppBackend, LlamaModel, _init_backend
 from kimia_edge.runtime.sampler import SamplerParams, sample_token
+from kimia_edge.runtime.metrics import machine_label
 
 GREEDY = SamplerParams(0.0, 5, 1.0, 16)
 SMALL_QUANTS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
@@ -53,14 +52,6 @@ BANDWIDTH_REPEATS = 4            # best of N
 MODES = ("full step", "text-only", "text ended")
 
 
-def machine_label() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, llama-cpp-python {llama_cpp.__version__}, Python {platform.python_version()}"
 
 
 # --------------------------------------------------------------------------------------------- bandwidth

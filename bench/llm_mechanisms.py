@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -37,16 +35,9 @@ import gguf
 import llama_cpp as llama
 from kimia_edge.runtime.llm_llamacpp import (HiddenCapture, LlamaCppBackend, LlamaModel, _init_backend,
                                              read_model_info)
+from kimia_edge.runtime.metrics import machine_label
 
 
-def machine_label() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, llama-cpp-python {llama.__version__}, Python {platform.python_version()}"
 
 
 # ------------------------------------------------------------------------------------------------ B files

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-import numpy as np
 import torch
 
 from kimia_edge.export.exporter import audio_files
@@ -30,19 +27,12 @@ from kimia_edge.export.precision import make_variant
 from kimia_edge.runtime.dit_config import StreamingConfig
 from kimia_edge.runtime.frontend import load_audio, to_16k_mono
 from kimia_edge.runtime.sessions import open_file_session
+from kimia_edge.runtime.metrics import machine_label
 
 CHUNK_AUDIO_S = StreamingConfig().chunk_tokens / 12.5  # 2.4 s of speech per steady-state chunk
 DIT_EVALS_PER_CHUNK = StreamingConfig().ode_time_points  # 29 Euler steps + 1 priming pass
 
 
-def machine_label() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def bench_inputs(spec: GraphSpec, module: torch.nn.Module) -> List[torch.Tensor]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
-import platform
 import queue
 import statistics
 import threading
@@ -23,20 +21,13 @@ from typing import Callable, Dict, List
 import numpy as np
 
 from kimia_edge.runtime.rings import AudioRing
+from kimia_edge.runtime.metrics import machine_label
 
 SAMPLE_RATE_HZ = 24_000
 BLOCK_10MS = SAMPLE_RATE_HZ // 100
 CAPACITY_SAMPLES = SAMPLE_RATE_HZ  # one second of audio in flight, for every method
 
 
-def machine_label() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
 def run_pair(writer: Callable[[], None], reader: Callable[[], None]) -> float:

@@ -15,7 +15,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch
@@ -28,22 +28,12 @@ from kimia_edge.runtime.detokenizer import StreamingDetokenizer
 from kimia_edge.runtime.dit_config import StreamingConfig
 from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
 from kimia_edge.runtime.sessions import open_file_session
+from kimia_edge.runtime.metrics import machine_label
 
 SAMPLE_RATE_HZ = 24_000
 TOKEN_RATE_HZ = 12.5
 
 
-def machine_label() -> str:
-    import os
-    import platform
-
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def torch_vocoder(module):

@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
+from kimia_edge.export.fileio import atomic_write
 from kimia_edge.runtime.manifest import ShapeProfile
 
 log = logging.getLogger(__name__)
@@ -118,17 +117,8 @@ def build_engine(onnx_path: Path, onnx_sha256: str, artifact_name: str, config: 
     serialized = builder.build_serialized_network(network, bc)
     if serialized is None:
         raise RuntimeError(f"{artifact_name}: TensorRT failed to build the engine (see the log above)")
-    _write_atomically(engine_path, bytes(serialized))
-    _write_atomically(timing_path, bytes(bc.get_timing_cache().serialize()))
+    atomic_write(engine_path, lambda f: f.write(bytes(serialized)))
+    atomic_write(timing_path, lambda f: f.write(bytes(bc.get_timing_cache().serialize())))
     return engine_path
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

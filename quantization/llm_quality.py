@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import logging
-import platform
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -44,6 +43,7 @@ from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
 from kimia_edge.runtime.prompt import Prompt
 from kimia_edge.runtime.sampler import SamplerParams
 from kimia_edge.runtime.special_tokens import SpecialTokens
+from kimia_edge.runtime.metrics import machine_label
 
 __all__ = ["Variant", "VARIANTS", "HeadQuality", "VariantQuality", "TokenStream", "golden_prompt", "token_stream",
            "teacher_forced_logits", "kld_rows", "compare_heads", "run_study", "markdown_table", "main"]
@@ -239,18 +239,6 @@ def run_study(snapshot: Path, work: Path, prompt: Prompt, tokens: SpecialTokens,
     }
 
 
-def machine_label() -> str:
-    import os
-
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import llama_cpp
-
-    return f"{cpu}, {os.cpu_count()} cores, llama-cpp-python {llama_cpp.__version__}"
 
 
 def markdown_table(report: Dict[str, object]) -> str:

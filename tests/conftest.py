@@ -46,3 +46,14 @@ def shared_audio() -> Path:
 def reference_data() -> Path:
     """../shared/reference-data (e.g. Whisper's mel filter bank)."""
     return _shared_path("reference-data")
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Runs a test with torch on one thread (deterministic kernel choice; restores the previous count)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -36,12 +36,7 @@ FULL_NUM_KEYS = 1206
 FULL_MODEL_PT_BYTES = 964_918_850
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # timings and fp32 rounding as measured
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ FIXTURE_CASES = ("f0", "f1", "f2")
 TINY_WRITE_SECONDS = 2.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # timings and fp32 rounding as measured
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import yaml
 
 from kimia_edge.export.reference.dit import build_dit
 from kimia_edge.runtime.dit_config import DitConfig
+from kimia_edge.export.fileio import atomic_write
 
 __all__ = ["read_detokenizer", "write_detokenizer", "dit_config_for_size", "random_tensors", "DETOKENIZER_DIR",
            "SPEECH_MODEL_PREFIX", "SIZES"]
@@ -30,7 +31,6 @@ WEIGHTS_FILE = "model.pt"
 STATE_DICT_KEY = "state_dict"           # torch.load(model.pt)["state_dict"] (semantic_fm_prefix_streaming.py)
 SPEECH_MODEL_PREFIX = "speech_model."   # DiT entries of the training checkpoint
 SIZES = ("tiny", "small", "full")
-_FILE_MODE = 0o644
 
 # ---- size presets -------------------------------------------------------------------------------------------------
 # full: reference doc §3.1 (OMNI-3P shapes: hidden 2304, depth 16, heads 18, vocab 16384 (+1), fc1 [9216, 2304]).
@@ -170,23 +170,11 @@ def write_detokenizer(snapshot_dir: Path, size: str, seed: int) -> None:
         storage = torch.from_file(backing, shared=True, size=numel, dtype=torch.float32)
     try:
         state_dict = dict(random_tensors(cfg, seed, storage))
-        _atomic_write(folder / WEIGHTS_FILE, lambda f: torch.save({STATE_DICT_KEY: state_dict}, f))
+        atomic_write(folder / WEIGHTS_FILE, lambda f: torch.save({STATE_DICT_KEY: state_dict}, f))
         del state_dict, storage
     finally:
         if backing is not None and os.path.exists(backing):
             os.unlink(backing)
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    _atomic_write(folder / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(folder / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

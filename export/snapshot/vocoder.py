@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -19,6 +17,7 @@ import torch
 
 from kimia_edge.export.reference.bigvgan import anti_alias_filter, build_bigvgan
 from kimia_edge.runtime.vocoder_config import VocoderConfig
+from kimia_edge.export.fileio import atomic_write
 
 __all__ = ["read_vocoder", "write_vocoder", "random_state_dict", "vocoder_config_for_size", "VOCODER_DIR", "SIZES"]
 
@@ -27,7 +26,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 GENERATOR_KEY = "generator"      # top-level key of model.pt (bigvgan_wrapper.py: state_dict_g["generator"])
 SIZES = ("tiny", "small", "full")
-_FILE_MODE = 0o644               # mkstemp creates 0600; snapshot files are world-readable like a HF download
 
 # ---- size presets -------------------------------------------------------------------------------------------------
 # full: reference doc §3.4 (values OMNI-3P / INFERRED from the 964.9 MB file; config.json itself is UNKNOWN, §6.5).
@@ -162,20 +160,8 @@ def write_vocoder(snapshot_dir: Path, size: str, seed: int) -> None:
     folder = Path(snapshot_dir) / VOCODER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     state_dict = random_state_dict(cfg, seed)
-    _atomic_write(folder / WEIGHTS_FILE, lambda f: torch.save({GENERATOR_KEY: state_dict}, f))
+    atomic_write(folder / WEIGHTS_FILE, lambda f: torch.save({GENERATOR_KEY: state_dict}, f))
     del state_dict
     text = json.dumps(cfg.to_dict(), indent=4) + "\n"
-    _atomic_write(folder / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
+    atomic_write(folder / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
 
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
