@@ -55,7 +55,7 @@ def test_text_task_runs_no_synthesis(pipe: GoldenPipeline, clip: np.ndarray) -> 
     assert turn.stats.llm_steps == 8
 
 
-def test_an_error_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+def test_a_failure_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeline, clip: np.ndarray) -> None:
     det = pipe.detokenizer(np.random.default_rng(0))
     det.vocoder = lambda mel: (_ for _ in ()).throw(RuntimeError("vocoder exploded"))
     turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=60), det)
