@@ -1,6 +1,6 @@
 """Live audio with sounddevice: microphone capture that ends an utterance on silence (or on a key: push-to-talk),
-and speaker playback whose output callback only reads the audio ring — it never blocks and never allocates;
-an underrun plays silence and is counted by the ring.
+and speaker playback whose output callback only reads the audio ring — it never blocks, takes no lock and
+allocates no sample buffer (one small view object per call); an underrun plays silence and is counted by the ring.
 
 The callbacks are plain methods, so tests drive them without a sound card.
 """
@@ -113,8 +113,8 @@ class Microphone:
 
 class Speaker:
     """Plays what arrives in ``ring`` (float32 mono at ``sample_rate_hz``). The output callback only calls
-    ``ring.read_into_nowait(..., pad_silence=True)``: no lock, no allocation, silence + a counted underrun when
-    the synthesis falls behind."""
+    ``ring.read_into_nowait(..., pad_silence=True)`` into the device's own buffer: no lock, no sample buffer,
+    silence + a counted underrun when the synthesis falls behind."""
 
     def __init__(self, ring: AudioRing, sample_rate_hz: int, device: Optional[Any] = None, block: int = 480) -> None:
         self.ring, self.rate, self.device, self.block = ring, sample_rate_hz, device, block
