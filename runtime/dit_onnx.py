@@ -1,11 +1,16 @@
 """The detokenizer's networks on ONNX Runtime sessions, as the callables runtime/detokenizer.py takes.
 
-``OnnxDitStep`` is the hot path (29 Euler evaluations + 1 priming per chunk): it passes the caller's arrays
-through without conversion when they already have the graph's dtype and layout, and pads an empty prefix with
-the two masked slots the graph expects (export/graphs/dit_step.py)."""
+``OnnxDitStep`` is the hot path (29 Euler evaluations + 1 priming per chunk, all against the same prefix). What it
+does per call is bounded: the x_t / tokens / positions arrays are passed through untouched when they already have
+the graph's dtype and layout (the state machine's always do); the prefix K/V is made graph-ready once per chunk —
+the state machine hands the same two arrays to every call of a chunk — by copying it into a buffer kept from the
+previous chunk (no copy at all when it is already contiguous float32); t_int and prefix_len live in two reused
+1-element arrays. The outputs are ONNX Runtime's own arrays, which the caller keeps.
+An empty prefix (first chunk) becomes the MIN_PREFIX masked slots the graph expects (export/graphs/dit_step.py).
+"""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -16,7 +21,8 @@ MIN_PREFIX = 2  # must match export/graphs/dit_step.py: an empty prefix is MIN_P
 
 def pad_prefix(prefix_k: np.ndarray, prefix_v: np.ndarray, depth: int, heads: int, head_dim: int
                ) -> Tuple[np.ndarray, np.ndarray, int]:
-    """(k, v, valid length) as the graph takes them: an empty prefix becomes MIN_PREFIX zero slots, valid 0."""
+    """(k, v, valid length) as the graph takes them, allocating as needed (calibration, tests): contiguous float32
+    [depth, 1, heads, P, head_dim]; a prefix shorter than MIN_PREFIX is zero-padded to MIN_PREFIX slots."""
     n = prefix_k.shape[3] if prefix_k.ndim == 5 else 0
     if n >= MIN_PREFIX:
         return np.ascontiguousarray(prefix_k, np.float32), np.ascontiguousarray(prefix_v, np.float32), n
@@ -28,24 +34,74 @@ def pad_prefix(prefix_k: np.ndarray, prefix_v: np.ndarray, depth: int, heads: in
 
 
 class OnnxDitStep:
-    """``dit_step(x_t, t_int, tokens, positions, prefix_k, prefix_v) -> (velocity, k, v)`` over a DiT-step session."""
+    """``dit_step(x_t, t_int, tokens, positions, prefix_k, prefix_v) -> (velocity, k, v)`` over a DiT-step session.
+
+    Contract (kept by runtime/detokenizer.py): a prefix array passed in is not modified in place afterwards — the
+    state machine replaces its cache with new arrays, so "same object as the last call" means "same prefix".
+    """
 
     def __init__(self, session: Session, depth: int, heads: int, head_dim: int) -> None:
         self.session = session
         self.depth, self.heads, self.head_dim = depth, heads, head_dim
+        self._t_int = np.zeros(1, np.int64)
+        self._prefix_len = np.zeros(1, np.int64)
+        # the caller's prefix arrays seen last, and their graph-ready forms
+        self._src: Tuple[Optional[np.ndarray], Optional[np.ndarray]] = (None, None)
+        self._kv: Tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.float32), np.zeros(0, np.float32))
+        # copy targets by prefix length (steady state: one entry, the full window)
+        self._buffers: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self.prefix_copies = 0  # prefixes copied so far (observability: one per chunk at most once the window is full)
+
+    def _buffer(self, n: int) -> Tuple[np.ndarray, np.ndarray]:
+        if n not in self._buffers:
+            shape = (self.depth, 1, self.heads, n, self.head_dim)
+            if len(self._buffers) > 2:  # lengths change only while the window fills; keep the memory bounded
+                self._buffers.clear()
+            self._buffers[n] = (np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        return self._buffers[n]
+
+    def _graph_prefix(self, prefix_k: np.ndarray, prefix_v: np.ndarray) -> None:
+        expected = (self.depth, 1, self.heads)
+        if prefix_k.ndim != 5 or prefix_k.shape[:3] != expected or prefix_k.shape[4] != self.head_dim \
+                or prefix_v.shape != prefix_k.shape:
+            raise ValueError(f"prefix_k / prefix_v: expected [{self.depth}, 1, {self.heads}, P, {self.head_dim}], "
+                             f"got {list(prefix_k.shape)} / {list(prefix_v.shape)}")
+        n = prefix_k.shape[3]
+        self._prefix_len[0] = n
+        contiguous = all(a.dtype == np.float32 and a.flags.c_contiguous for a in (prefix_k, prefix_v))
+        if n >= MIN_PREFIX and contiguous:
+            self._kv = (prefix_k, prefix_v)
+            return
+        k, v = self._buffer(max(n, MIN_PREFIX))
+        if n < MIN_PREFIX:
+            k.fill(0.0)
+            v.fill(0.0)
+        np.copyto(k[:, :, :, :n], prefix_k)
+        np.copyto(v[:, :, :, :n], prefix_v)
+        self.prefix_copies += 1
+        self._kv = (k, v)
 
     def __call__(self, x_t: np.ndarray, t_int: np.ndarray, tokens: np.ndarray, positions: np.ndarray,
                  prefix_k: np.ndarray, prefix_v: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        k, v, n = pad_prefix(prefix_k, prefix_v, self.depth, self.heads, self.head_dim)
-        velocity, ck, cv = self.session.run({
+        if prefix_k is not self._src[0] or prefix_v is not self._src[1]:
+            self._graph_prefix(prefix_k, prefix_v)
+            self._src = (prefix_k, prefix_v)
+        self._t_int[0] = np.asarray(t_int).reshape(-1)[0]
+        velocity, k, v = self.session.run({
             "x_t": np.ascontiguousarray(x_t, np.float32),
-            "t_int": np.asarray(t_int, np.int64).reshape(1),
+            "t_int": self._t_int,
             "tokens": np.ascontiguousarray(tokens, np.int64),
             "positions": np.ascontiguousarray(positions, np.int64),
-            "prefix_k": k, "prefix_v": v,
-            "prefix_len": np.array([n], np.int64),
+            "prefix_k": self._kv[0], "prefix_v": self._kv[1],
+            "prefix_len": self._prefix_len,
         })
-        return velocity, ck, cv
+        return velocity, k, v
+
+    def reset(self) -> None:
+        """Drops the references to the last prefix (frees its memory between utterances)."""
+        self._src = (None, None)
+        self._kv = (np.zeros(0, np.float32), np.zeros(0, np.float32))
+        self._buffers.clear()
 
 
 class OnnxVocoder:
@@ -55,5 +111,7 @@ class OnnxVocoder:
         self.session = session
 
     def __call__(self, mel: np.ndarray) -> np.ndarray:
+        if mel.ndim != 2:
+            raise ValueError(f"mel: expected [T, n_mels], got {list(mel.shape)}")
         (wav,) = self.session.run({"mel": np.ascontiguousarray(mel.T[None], np.float32)})
         return wav[0, 0]

@@ -3,14 +3,22 @@ schedule stay on the host (runtime/detokenizer.py), written once for every backe
 
 Inputs: x_t [1, T, 80] normalised mel, t_int [1] int64 (floor(t*1000)), tokens [1, T] int64 (50 Hz semantic
 ids), positions [1, T] int64 (absolute frame positions), prefix_k / prefix_v [depth, 1, heads, P, head_dim] (the
-cached post-RoPE K/V of earlier frames), prefix_len [1] int64 (how many of the P slots are valid).
-Outputs: velocity [1, T, 80], k / v of this chunk [depth, 1, heads, T, head_dim].
+cached post-RoPE K/V of earlier frames), prefix_len [1] int64 (how many of the P slots are valid, counted from
+the start; the rest are masked out of the attention).
+Outputs: velocity [1, T, 80], k / v of this chunk [depth, 1, heads, T, head_dim] (post-RoPE, what the host caches).
 
-Prefix design: P is a dynamic axis of at least ``MIN_PREFIX`` slots, and ``prefix_len`` masks the slots that
-hold nothing. The first chunk (no cache yet) passes MIN_PREFIX masked dummy slots. A fixed 900-slot padded window
-would make every early chunk pay for attention over 900 keys and feed ~270 MB of K/V per call at full size;
-a P that may be 0 is what torch.export specialises on and what TensorRT profiles handle worst. So: dynamic P
-from MIN_PREFIX to the window size, profile opt = the full window (the steady state).
+Prefix design: P is a dynamic axis from ``MIN_PREFIX`` slots to the 900-frame window, plus ``prefix_len``.
+- Not a fixed 900-slot padded window: every early chunk (the first ~8 of an utterance, i.e. the first 18 s,
+  including the one that sets first-audio latency) would attend to 900 keys instead of 0..780, and the host
+  would feed 2 x 133 MB of K/V per call at full size (16 layers x 18 heads x 900 x 128 x fp32) instead of what
+  is there. Once the window is full (steady state) both designs do the same work.
+- Not a P that may be 0: torch.export specialises sizes 0 and 1, and a zero-length dimension is what TensorRT
+  optimisation profiles handle worst. The first chunk (no cache yet) passes MIN_PREFIX zero slots with
+  prefix_len 0; ``runtime/dit_onnx.py`` does that padding.
+- TensorRT profile: P min = MIN_PREFIX, opt = max = the window (the steady state); T min 4, opt 168 (official
+  30 tokens + 12 look-ahead, x4), max 512 (room for chunk growth).
+The valid-length input (rather than a [1, P] bool mask) keeps the runtime's feed to one scalar and lets a
+fixed-window runtime (e.g. a static-shape engine) reuse the same graph with P = 900 and prefix_len < 900.
 """
 from __future__ import annotations
 
@@ -24,15 +32,23 @@ from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
 from kimia_edge.export.reference.dit import DiT, build_dit
 from kimia_edge.export.snapshot.detokenizer import read_detokenizer
-from kimia_edge.runtime.dit_config import StreamingConfig
+from kimia_edge.runtime.detokenizer import StreamingDetokenizer
+from kimia_edge.runtime.dit_config import TIMESTEP_SCALE, StreamingConfig
 from kimia_edge.runtime.manifest import ShapeProfile
 
 MIN_PREFIX = 2  # torch.export specialises sizes 0 and 1; two masked slots stand for "no prefix"
 MIN_FRAMES = 4
 # Largest chunk in frames: official 30 tokens x 4 + 48 look-ahead frames = 168; room for chunk growth.
 MAX_FRAMES = 512
-_MAX_CALIBRATION_FEEDS = 48
-_MEL_ABS_MAX = 5.0
+# Calibration: up to 8 chunks spread over the speech, 6 evaluations spread over each chunk's Euler steps and its
+# priming pass = 48 feeds; at most 8 distinct prefixes are held (2.1 GB at full size with a full window).
+_CALIBRATION_CHUNKS = 8
+_CALIBRATION_CALLS_PER_CHUNK = 6
+# Parity cases by chunk frames -> (prefix slots, valid slots): a first chunk (no prefix: MIN_PREFIX masked slots),
+# a mid-utterance chunk against a padded prefix, a short final chunk; other lengths get 64 of 64 valid.
+_PARITY_PREFIX = {168: (MIN_PREFIX, 0), 120: (300, 293), 60: (96, 89)}
+_DEFAULT_PREFIX = (64, 64)
+_MAX_START_POSITION = 2000  # example chunks start anywhere in the first half of the 4096 RoPE positions
 
 
 class DitStepModule(torch.nn.Module):
@@ -68,8 +84,7 @@ class DitStepGraph(GraphSpec):
         "prefix_k": {3: "prefix"}, "prefix_v": {3: "prefix"},
         "velocity": {1: "frames"}, "k": {3: "frames"}, "v": {3: "frames"},
     }
-    # (frames, prefix slots, valid prefix): a first chunk, a steady-state chunk, a short final chunk
-    parity_lengths = (168, 120, 60)
+    parity_lengths = tuple(_PARITY_PREFIX)  # chunk frames; prefixes in _PARITY_PREFIX
     fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
 
     def build(self, snapshot: Path) -> torch.nn.Module:
@@ -78,13 +93,12 @@ class DitStepGraph(GraphSpec):
     def example_inputs(self, module: torch.nn.Module, length: int, seed: int) -> Tuple[torch.Tensor, ...]:
         cfg = module.cfg
         g = torch.Generator().manual_seed(seed)
-        prefix = {168: MIN_PREFIX, 120: 300, 60: 96}.get(length, 64)
-        valid = 0 if prefix == MIN_PREFIX else prefix - 7  # the tail of a padded window is masked
-        start = int(torch.randint(0, 2000, (1,), generator=g))
+        prefix, valid = _PARITY_PREFIX.get(length, _DEFAULT_PREFIX)
+        start = int(torch.randint(0, _MAX_START_POSITION, (1,), generator=g))
         kv_shape = (cfg.depth, 1, cfg.num_heads, prefix, cfg.head_dim)
         return (
             torch.randn(1, length, cfg.input_size, generator=g),
-            torch.randint(0, 1000, (1,), generator=g),
+            torch.randint(0, TIMESTEP_SCALE, (1,), generator=g),  # t_int in [0, 1000)
             torch.randint(0, cfg.semantic_vocab_size, (1, length), generator=g),
             torch.arange(start + prefix, start + prefix + length)[None],
             torch.randn(kv_shape, generator=g),
@@ -94,37 +108,60 @@ class DitStepGraph(GraphSpec):
 
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
         cfg, window = module.cfg, StreamingConfig().max_kv_cache_frames
-        chunk = StreamingConfig().chunk_tokens * StreamingConfig().upsample_factor + 48
+        streaming = StreamingConfig()
+        chunk = streaming.chunk_tokens * streaming.upsample_factor + streaming.look_ahead_frames  # 168
         frames = lambda *rest: ShapeProfile((1, MIN_FRAMES, *rest), (1, chunk, *rest), (1, MAX_FRAMES, *rest))
-        kv = ShapeProfile(*(((cfg.depth, 1, cfg.num_heads, p, cfg.head_dim)) for p in (MIN_PREFIX, window, window)))
+        kv = ShapeProfile(*((cfg.depth, 1, cfg.num_heads, p, cfg.head_dim) for p in (MIN_PREFIX, window, window)))
         fixed = ShapeProfile((1,), (1,), (1,))
         return {
-            "x_t": ShapeProfile((1, MIN_FRAMES, cfg.input_size), (1, chunk, cfg.input_size), (1, MAX_FRAMES, cfg.input_size)),
-            "tokens": ShapeProfile((1, MIN_FRAMES), (1, chunk), (1, MAX_FRAMES)),
-            "positions": ShapeProfile((1, MIN_FRAMES), (1, chunk), (1, MAX_FRAMES)),
+            "x_t": frames(cfg.input_size), "tokens": frames(), "positions": frames(),
             "prefix_k": kv, "prefix_v": kv, "t_int": fixed, "prefix_len": fixed,
         }
 
     def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
-        """The step inputs the golden streaming detokenizer really produces from the tokens of real speech."""
+        """The step inputs the golden streaming detokenizer really produces from the semantic tokens of real speech:
+        up to _CALIBRATION_CHUNKS chunks spread over all clips (first chunk, window filling, full window), and in
+        each up to _CALIBRATION_CALLS_PER_CHUNK evaluations spread from t_int 0 to the priming pass."""
         from kimia_edge.runtime.dit_onnx import pad_prefix
 
         pipe = context.pipeline()
+        cfg, streaming = module.cfg, pipe.streaming
+        token_ids = [pipe.encode_audio(clip).semantic_ids for clip in context.speech_16k]
+        total = sum(_chunk_count(streaming, len(ids)) for ids in token_ids)
+        if total == 0:
+            return []
+        keep_chunks = set(np.linspace(0, total - 1, min(total, _CALIBRATION_CHUNKS)).round().astype(int).tolist())
+        keep_calls = set(np.linspace(0, streaming.ode_time_points - 1, _CALIBRATION_CALLS_PER_CHUNK)
+                         .round().astype(int).tolist())
         feeds: List[Dict[str, np.ndarray]] = []
-        cfg = module.cfg
+        state = {"chunk": -1, "call": 0, "prefix": None, "padded": None}
 
         def recording_step(x_t, t_int, tokens, positions, prefix_k, prefix_v):
-            pk, pv, n = pad_prefix(prefix_k, prefix_v, cfg.depth, cfg.num_heads, cfg.head_dim)
-            feeds.append({"x_t": x_t.astype(np.float32), "t_int": np.asarray(t_int, np.int64).reshape(1),
-                          "tokens": tokens.astype(np.int64), "positions": positions.astype(np.int64),
-                          "prefix_k": pk, "prefix_v": pv, "prefix_len": np.array([n], np.int64)})
+            if prefix_k is not state["prefix"]:          # a new chunk: the state machine swaps its cache arrays
+                state.update(chunk=state["chunk"] + 1, call=0, prefix=prefix_k, padded=None)
+            if state["chunk"] in keep_chunks and state["call"] in keep_calls:
+                if state["padded"] is None:              # one graph-ready copy per chunk, shared by its feeds
+                    state["padded"] = pad_prefix(prefix_k, prefix_v, cfg.depth, cfg.num_heads, cfg.head_dim)
+                pk, pv, n = state["padded"]
+                feeds.append({"x_t": np.array(x_t, np.float32), "t_int": np.asarray(t_int, np.int64).reshape(1),
+                              "tokens": np.array(tokens, np.int64), "positions": np.array(positions, np.int64),
+                              "prefix_k": pk, "prefix_v": pv, "prefix_len": np.array([n], np.int64)})
+            state["call"] += 1
             return pipe.dit_step(x_t, t_int, tokens, positions, prefix_k, prefix_v)
 
-        for i, clip in enumerate(context.speech_16k):
-            det = pipe.detokenizer(np.random.default_rng(i))
-            det.dit_step = recording_step
-            ids = pipe.encode_audio(clip).semantic_ids
+        for i, ids in enumerate(token_ids):
+            det = StreamingDetokenizer(recording_step, pipe.vocode, streaming, pipe.dit_config,
+                                       noise=np.random.default_rng(i))
             for _ in [*det.push(ids), *det.finish()]:
                 pass
-        stride = max(1, len(feeds) // _MAX_CALIBRATION_FEEDS)
-        return feeds[::stride]
+        state.update(prefix=None, padded=None)
+        return feeds
+
+
+def _chunk_count(streaming: StreamingConfig, tokens: int) -> int:
+    """Chunks the streaming detokenizer runs for ``tokens`` ids pushed at once and finished."""
+    index = 0
+    while tokens > streaming.chunk_tokens_at(index):
+        tokens -= streaming.chunk_tokens_at(index)
+        index += 1
+    return index + (1 if tokens else 0)
