@@ -24,7 +24,7 @@ from tqdm import tqdm
 from kimia_edge.export.bundle import BundleWriter
 from kimia_edge.export.graphs import REGISTRY, graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec, compare, export_graph, run_onnx, run_torch
-from kimia_edge.export.precision import PRECISIONS, make_variant
+from kimia_edge.export.precision import PRECISIONS, graph_files, make_variant
 from kimia_edge.runtime.manifest import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,6 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         start = time.perf_counter()
         result = export_graph(spec, module, writer.path(rel), seed=seed)
         profiles = spec.profiles(module)
-        files = [str(f.relative_to(writer.root)) for f in result.files]
-        writer.add(name, spec.component, "onnx", "fp32", files, error=_error_dict("", result.fp32_error),
-                   profiles=profiles, extra={"export_seconds": round(result.seconds, 2)})
         log.info("%s fp32: exported in %.1f s, error %s", name, time.perf_counter() - start, result.fp32_error)
         for array_name, array in spec.sidecar_arrays(module).items():
             np.save(writer.path(f"{array_name}.npy"), array)
@@ -115,6 +112,7 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         speech_inputs = _feeds_to_inputs(spec, speech_eval)
         speech_refs = [run_torch(module, x) for x in speech_inputs]
 
+        rejected: Dict[str, Dict[str, float]] = {}
         for precision in precisions:
             if precision == "fp32":
                 continue
@@ -122,13 +120,28 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
                 log.warning("%s: no int8_qdq variant (%s)", name,
                             "no calibration speech given" if not context.speech_16k else "this graph defines no calibration inputs")
                 continue
-            vrel = f"{name}.{precision}.onnx"
-            make_variant(precision, writer.path(rel), writer.path(vrel), calibration)
-            error = _error_dict("", _measure(spec, writer.path(vrel), module, held_out, held_refs))
+            vpath = writer.path(f"{name}.{precision}.onnx")
+            make_variant(precision, writer.path(rel), vpath, calibration)
+            worst = _measure(spec, vpath, module, held_out, held_refs)
+            error = _error_dict("", worst)
             if speech_inputs:
-                error.update(_error_dict("speech_", _measure(spec, writer.path(vrel), module, speech_inputs, speech_refs)))
-            writer.add(name, spec.component, "onnx", precision, [vrel], error=error, profiles=profiles)
+                speech = _measure(spec, vpath, module, speech_inputs, speech_refs)
+                error.update(_error_dict("speech_", speech))
+                worst = worst.worst(speech)
+            if worst.rel_l2 > spec.variant_rel_l2[precision]:
+                log.warning("%s %s: not listed, rel L2 error %.3g exceeds its tolerance %.3g", name, precision,
+                            worst.rel_l2, spec.variant_rel_l2[precision])
+                rejected[precision] = {**error, "tolerance_rel_l2": spec.variant_rel_l2[precision]}
+                for f in graph_files(vpath):
+                    f.unlink()
+                continue
+            files = [str(f.relative_to(writer.root)) for f in graph_files(vpath)]
+            writer.add(name, spec.component, "onnx", precision, files,
+                       error={**error, "tolerance_rel_l2": spec.variant_rel_l2[precision]}, profiles=profiles)
             log.info("%s %s: error %s", name, precision, error)
+        extra = {"export_seconds": round(result.seconds, 2), **({"rejected_variants": rejected} if rejected else {})}
+        writer.add(name, spec.component, "onnx", "fp32", [str(f.relative_to(writer.root)) for f in result.files],
+                   error=_error_dict("", result.fp32_error), profiles=profiles, extra=extra)
 
 
 def export_llm(writer: BundleWriter, snapshot: Path, base_precision: str, quants: Sequence[str]) -> None:

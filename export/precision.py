@@ -7,6 +7,9 @@
 - ``int8_qdq``: ``quantize_static`` in QDQ format, calibrated on inputs from real speech; int8 weights per
   channel with a reduced range, uint8 activations. TensorRT builds int8 engines from these scales.
 
+A graph whose weights live in an external-data file (``<graph>.onnx.data``, graphs over 2 GB) gets variants
+written the same way, since protobuf cannot hold more than 2 GiB in one file.
+
 Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
 the manifest."""
 from __future__ import annotations
@@ -34,19 +37,38 @@ class _FeedReader:
         return next(self._it, None)
 
 
+def external_data_file(graph: Path) -> Path:
+    """Where the weights of ``graph`` live when they are external (the exporters' and ORT's naming)."""
+    return graph.with_name(graph.name + ".data")
+
+
+def graph_files(graph: Path) -> List[Path]:
+    """The graph and, if it has one, its external-data file."""
+    data = external_data_file(graph)
+    return [graph] + ([data] if data.exists() else [])
+
+
 def to_fp16(src: Path, dst: Path) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=False)
-    onnx.save(model, str(dst))
+    large = external_data_file(src).exists()
+    # onnx shape inference works on a serialised proto: impossible over 2 GiB, so it is skipped there (the
+    # converter then keeps fp32 where it cannot tell a tensor's type, which only costs casts)
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=large)
+    if large:
+        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=external_data_file(dst).name)
+    else:
+        onnx.save(model, str(dst))
     return dst
 
 
 def to_int8_dynamic(src: Path, dst: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, op_types_to_quantize=_QUANT_OPS)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, op_types_to_quantize=_QUANT_OPS,
+                     use_external_data_format=external_data_file(src).exists())
     return dst
 
 
@@ -60,7 +82,7 @@ def to_int8_qdq(src: Path, dst: Path, calibration: Iterable[Dict[str, np.ndarray
         str(src), str(dst), _FeedReader(feeds),
         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         per_channel=True, reduce_range=True, op_types_to_quantize=_QUANT_OPS,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external_data_file(src).exists(),
     )
     return dst
 

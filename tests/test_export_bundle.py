@@ -57,3 +57,47 @@ def test_export_refuses_an_existing_bundle(bundle: Path) -> None:
     with pytest.raises(FileExistsError):
         main(["export", "--snapshot", "unused", "--out", str(bundle), "--graphs", "vocoder", "--no-llm"])
     assert json.loads((bundle / "manifest.json").read_text()) == manifest_before
+
+
+def test_variant_outside_its_tolerance_is_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kimia_edge.export.graphs.vocoder import VocoderGraph
+
+    monkeypatch.setattr(VocoderGraph, "variant_rel_l2", {**VocoderGraph.variant_rel_l2, "int8_dynamic": 1e-9})
+    snap = make_snapshot(tmp_path / "snap", "tiny", seed=12)
+    out = tmp_path / "bundle"
+    assert main(["export", "--snapshot", str(snap), "--out", str(out), "--graphs", "vocoder", "--precision", "fp32",
+                 "fp16", "int8_dynamic", "--no-llm"]) == 0
+    m = load_bundle(out)
+    assert {a.precision for a in m.artifacts if a.name == "vocoder"} == {"fp32", "fp16"}
+    rejected = m.artifact("vocoder", "fp32").extra["rejected_variants"]["int8_dynamic"]
+    assert rejected["rel_l2"] > rejected["tolerance_rel_l2"] == 1e-9
+    assert not list(out.glob("vocoder.int8_dynamic*"))
+    assert m.artifact("vocoder", "fp16").error["rel_l2"] <= m.artifact("vocoder", "fp16").error["tolerance_rel_l2"]
+
+
+def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, shared_audio: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Graphs over 2 GB (the full-size DiT) store weights in <graph>.onnx.data; their variants must too. Forced
+    here on the tiny vocoder by lowering the size at which the exporter switches to external data."""
+    import onnx
+
+    from kimia_edge.export.graphs import base, graph_spec
+    from kimia_edge.export.graphs.base import compare, run_onnx, run_torch
+    from kimia_edge.export.precision import graph_files, make_variant
+
+    monkeypatch.setattr(base, "EXTERNAL_DATA_ABOVE_BYTES", 0)
+    spec = graph_spec("vocoder")
+    module = spec.build(make_snapshot(tmp_path / "snap", "tiny", seed=13, components=["vocoder"]))
+    fp32 = base.export_graph(spec, module, tmp_path / "vocoder.fp32.onnx").path
+    assert [f.name for f in graph_files(fp32)] == ["vocoder.fp32.onnx", "vocoder.fp32.onnx.data"]
+    x = spec.example_inputs(module, spec.parity_lengths[0], seed=5)
+    calibration = [{"mel": x[0].numpy()}]
+    for precision in ("fp16", "int8_dynamic", "int8_qdq"):
+        path = make_variant(precision, fp32, tmp_path / f"vocoder.{precision}.onnx", calibration)
+        files = graph_files(path)
+        assert [f.name for f in files] == [path.name, path.name + ".data"], precision
+        graph = onnx.load(str(path), load_external_data=False)
+        inline = [len(t.raw_data) for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        assert max(inline, default=0) <= 1024 < files[1].stat().st_size, precision  # weights in the data file
+        err = compare(spec, run_onnx(path, spec, x), run_torch(module, x))
+        assert err.rel_l2 <= spec.variant_rel_l2[precision], (precision, err)

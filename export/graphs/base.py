@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from kimia_edge.export.precision import graph_files
 from kimia_edge.runtime.manifest import ShapeProfile
 
 if TYPE_CHECKING:
@@ -80,6 +81,12 @@ class GraphSpec(ABC):
     parity_lengths: Tuple[int, ...] = ()
     # fp32 ONNX vs the torch module; precision variants have their own, looser, measured-and-reported error
     fp32_tolerance: ErrorStats = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
+    # Largest relative L2 error a precision variant may show on held-out inputs (and speech-derived ones) for the
+    # bundle to list it. Set for random weights, a worst case (no trained outlier structure): they catch a broken
+    # variant (wrong scales, a saturating kernel: rel L2 near 1), they do not grade a good one; the measured
+    # error of every listed variant is in the manifest. Highest seen on tiny / small snapshots: fp16 9.4e-3,
+    # int8 dynamic 2.7e-2, int8 QDQ 6.4e-2 (docs/benchmarks.md).
+    variant_rel_l2: Dict[str, float] = {"fp16": 3e-2, "int8_dynamic": 0.15, "int8_qdq": 0.2}
 
     @abstractmethod
     def build(self, snapshot: Path) -> torch.nn.Module:
@@ -125,8 +132,7 @@ class ExportResult:
     @property
     def files(self) -> List[Path]:
         """The graph and, for large graphs, its external-data file."""
-        data = self.path.with_name(self.path.name + ".data")
-        return [self.path] + ([data] if data.exists() else [])
+        return graph_files(self.path)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
