@@ -63,14 +63,14 @@ class _Output:
             print(f"wrote {self.wav_path}: {wav.size / self.rate:.2f} s at {self.rate} Hz", file=sys.stderr)
 
 
-def _pipeline(args: argparse.Namespace):
+def _pipeline(args: argparse.Namespace, text_only: bool = False):
     from kimia_edge.runtime.dit_config import StreamingConfig
     from kimia_edge.runtime.pipeline import Pipeline
 
     streaming = StreamingConfig(first_chunk_tokens=args.first_chunk_tokens) if args.first_chunk_tokens else None
     return Pipeline.from_bundle(args.bundle, precision=args.precision, llm_precision=args.llm_precision,
                                 device=args.device, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                                streaming=streaming)
+                                streaming=streaming, text_only=text_only)
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from kimia_edge.runtime.frontend import AudioFileError, load_audio
     from kimia_edge.runtime.tasks import generation_config
 
-    pipe = _pipeline(args)
+    pipe = _pipeline(args, text_only=True)
     failed = 0
     for path in tqdm(args.inputs, desc="transcribe", unit="file", disable=len(args.inputs) < 2):
         try:

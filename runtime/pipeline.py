@@ -64,10 +64,12 @@ def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
 
 def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precision: Optional[str] = None,
                            device: str = "auto", threads: Optional[int] = None, n_gpu_layers: int = 0,
-                           streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None) -> Components:
-    """Opens every artifact of a verified bundle. ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic |
+                           streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None,
+                           text_only: bool = False) -> Components:
+    """Opens the artifacts of a verified bundle. ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic |
     int8_qdq; graphs without it fall back to fp32, logged); ``llm_precision``: GGUF variant (default: the smallest
-    one the bundle has)."""
+    one the bundle has). ``text_only``: for the text tasks (asr, qa) — the LLM's audio branch, the DiT and the
+    vocoder are not opened (at full size ~8 GB fp32 of graphs and a fifth of the LLM not in memory)."""
     from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
     from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
     from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
@@ -77,7 +79,8 @@ def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precisi
     manifest = load_bundle(bundle)
     model = manifest.model
     # int8 flipped 2-62 of 177 ids on real speech (tests/test_encoder_graphs.py): the VQ encoder stays at fp32/fp16
-    chosen = {name: precision for name in ("whisper_encoder", "dit_step", "vocoder")}
+    speech_out = () if text_only else ("dit_step", "vocoder")
+    chosen = {name: precision for name in ("whisper_encoder", *speech_out)}
     chosen["vq_encoder"] = precision if precision in VQ_PRECISIONS else "fp32"
     sessions = {name: open_session(bundle, _pick(manifest, name, p), device=device, threads=threads, cache_dir=cache_dir)
                 for name, p in chosen.items()}
@@ -92,25 +95,33 @@ def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precisi
         raise BundleError(f"bundle has no LLM at {llm_precision!r}; it has {sorted(have)}")
     adaptor = [a for a in manifest.artifacts if a.name == "llm_adaptor"]
     backend = LlamaCppBackend(bundle / manifest.artifact("llm_trunk", llm_precision).path,
-                              bundle / manifest.artifact("llm_audio", llm_precision).path,
+                              None if text_only else bundle / manifest.artifact("llm_audio", llm_precision).path,
                               bundle / adaptor[0].path if adaptor else None,
-                              n_threads=threads, n_gpu_layers=n_gpu_layers)
+                              n_threads=threads, n_gpu_layers=n_gpu_layers, text_only=text_only)
 
     dit = DitConfig(**model["dit"])
     dit.validate()
     streaming = streaming or StreamingConfig.from_dict(model["streaming"])
-    dit_step = OnnxDitStep(sessions["dit_step"], dit.depth, dit.num_heads, dit.head_dim)
-    vocoder = OnnxVocoder(sessions["vocoder"])
+    make_detokenizer = _no_speech_output
+    if not text_only:
+        dit_step = OnnxDitStep(sessions["dit_step"], dit.depth, dit.num_heads, dit.head_dim)
+        vocoder = OnnxVocoder(sessions["vocoder"])
+        make_detokenizer = lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise)
     text_dir = bundle / manifest.artifact("text_tokenizer").path.split("/")[0]
     providers = {name: f"{s.provider} ({_pick(manifest, name, chosen[name]).precision})" for name, s in sessions.items()}
     providers["llm"] = f"llama.cpp {llm_precision}" + (f", {n_gpu_layers} layers on GPU" if n_gpu_layers else " (CPU)")
     return Components(
         encode_audio=tokenizer.encode, backend=backend,
-        make_detokenizer=lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise),
+        make_detokenizer=make_detokenizer,
         tokens=SpecialTokens.from_snapshot(text_dir), text_tokenizer=TextTokenizer.from_snapshot(text_dir),
         token_offset=int(model["llm"]["kimia_token_offset"]),
         output_sample_rate_hz=int(model["vocoder"]["sampling_rate"]), providers=providers,
     )
+
+
+def _no_speech_output(noise: NoiseSource) -> StreamingDetokenizer:
+    raise ValueError("this pipeline was opened text_only (no DiT, vocoder or audio branch): it runs the text tasks "
+                     f"{tuple(t for t, v in TASK_TABLE.items() if v.output_type == 'text')}, not speech output")
 
 
 class Pipeline:
@@ -136,6 +147,8 @@ class Pipeline:
         check_audible(samples)
         clip = to_16k_mono(np.asarray(samples, dtype=np.float32), sample_rate_hz)
         config = config or generation_config(task, seed)
+        noise = np.random.default_rng(None if seed is None else seed + 1)
+        detokenizer = self.c.make_detokenizer(noise) if config.output_type == "both" else None  # before any work
         encoded: Dict[int, AudioEncoding] = {}
 
         def tokenize_audio(content: Any) -> AudioEncoding:
@@ -146,8 +159,6 @@ class Pipeline:
         prompt = build_prompt(task_messages(task, clip, self.history), config.output_type, self.c.tokens,
                               self.c.token_offset, self.c.text_tokenizer.encode, tokenize_audio)
         encode_s = time.perf_counter() - start
-        noise = np.random.default_rng(None if seed is None else seed + 1)
-        detokenizer = self.c.make_detokenizer(noise) if config.output_type == "both" else None
         streaming = StreamingTurn(self.c.backend, prompt, self.c.tokens, self.c.token_offset, config,
                                   self.c.text_tokenizer.decode_bytes, detokenizer)
         text: List[str] = []

@@ -60,3 +60,14 @@ def test_same_tokens_and_noise_give_the_golden_waveform(exported, pipeline: Pipe
 def test_missing_llm_precision_is_named(exported) -> None:
     with pytest.raises(BundleError, match="no LLM at 'Q4_K_M'"):
         Pipeline.from_bundle(exported[1], llm_precision="Q4_K_M")
+
+
+def test_text_only_pipeline_transcribes_like_the_full_one_and_refuses_speech(exported, pipeline: Pipeline,
+                                                                            shared_audio: Path) -> None:
+    samples, sr = load_audio(shared_audio / "qa_example.wav")
+    config = generation_config("asr", 0, step_limit=24)
+    text_only = Pipeline.from_bundle(exported[1], threads=2, text_only=True)
+    assert set(text_only.c.providers) == {"whisper_encoder", "vq_encoder", "llm"}
+    assert text_only.run(samples, sr, "asr", config=config).text == pipeline.run(samples, sr, "asr", config=config).text
+    with pytest.raises(ValueError, match="opened text_only"):
+        next(text_only.turn(samples, sr, "chat"))
