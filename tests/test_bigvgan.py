@@ -149,6 +149,25 @@ def test_filters_match_official_buffers(official_vocoder):
 
 
 # ---- weight-norm folding ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 156])
+@pytest.mark.parametrize("activation", ["snake", "snakebeta"])
+def test_phase_form_activation_equals_the_official_sequence(length: int, activation: str):
+    """Activation1d.forward (up-sampler phases as channel pairs, no interleaving) = the official
+    down(act(up(x))) at every sample, the replicate-padded edges included."""
+    from kimia_edge.export.reference.bigvgan import Activation1d, Snake, SnakeBeta
+
+    torch.manual_seed(length)
+    act = (Snake(6, True) if activation == "snake" else SnakeBeta(6, True))
+    with torch.no_grad():
+        for p in act.parameters():
+            p.normal_(0.0, 0.5)
+    module = Activation1d(act)
+    x = 3 * torch.randn(2, 6, length)
+    got, ref = module(x), module.unfused(x)
+    assert got.shape == ref.shape == (2, 6, length)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)  # fp32 sums in another order; a wrong tap is O(1)
+
+
 def test_fold_weight_norm_keeps_output(official_vocoder, vocoder_io):
     _, _, model = official_vocoder
     folded = model.folded_copy()
