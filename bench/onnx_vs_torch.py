@@ -133,7 +133,8 @@ def bench_component(name: str, args: argparse.Namespace, context: CalibrationCon
             if precision == "int8_qdq" and not calibration:
                 print(f"{name}: no int8_qdq (no calibration speech or no calibration_feeds)")
                 continue
-            path = make_variant(precision, fp32, tmp / f"{name}.{precision}.onnx", calibration)
+            path = make_variant(precision, fp32, tmp / f"{name}.{precision}.onnx", calibration,
+                                spec.int8_dynamic_signed_weights)
             del calibration
         session = open_bench_session(path, args.threads, args.ort_opt_level, not args.ort_no_spin)
         errors[f"onnx {precision}"] = compare(spec, session.run(feeds), ref)

@@ -121,7 +121,7 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
                             "no calibration speech given" if not context.speech_16k else "this graph defines no calibration inputs")
                 continue
             vpath = writer.path(f"{name}.{precision}.onnx")
-            make_variant(precision, writer.path(rel), vpath, calibration)
+            make_variant(precision, writer.path(rel), vpath, calibration, spec.int8_dynamic_signed_weights)
             worst = _measure(spec, vpath, module, held_out, held_refs)
             error = _error_dict("", worst)
             if speech_inputs:

@@ -313,7 +313,8 @@ def _flips(graphs: Dict[str, Exported], snapshot: Path, speech: Dict[str, np.nda
     flips = {"fp32": {clip: int((ref[clip] != torch_ids[clip]).sum()) for clip in speech}}
     calibration = vq.spec.calibration_feeds(vq.module, CalibrationContext(snapshot, [speech[CALIBRATION_CLIP]]))
     for precision in VARIANTS:
-        path = make_variant(precision, vq.path, tmp / f"vq_encoder.{precision}.onnx", calibration)
+        path = make_variant(precision, vq.path, tmp / f"vq_encoder.{precision}.onnx", calibration,
+                            vq.spec.int8_dynamic_signed_weights)
         tok = _tokenizer(graphs, vq_path=path)
         flips[precision] = {clip: int((tok.semantic_ids(x) != ref[clip]).sum()) for clip, x in speech.items()}
     return flips

@@ -93,7 +93,8 @@ def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, s
     x = spec.example_inputs(module, spec.parity_lengths[0], seed=5)
     calibration = [{"mel": x[0].numpy()}]
     for precision in ("fp16", "int8_dynamic", "int8_qdq"):
-        path = make_variant(precision, fp32, tmp_path / f"vocoder.{precision}.onnx", calibration)
+        path = make_variant(precision, fp32, tmp_path / f"vocoder.{precision}.onnx", calibration,
+                            spec.int8_dynamic_signed_weights)
         files = graph_files(path)
         assert [f.name for f in files] == [path.name, path.name + ".data"], precision
         graph = onnx.load(str(path), load_external_data=False)

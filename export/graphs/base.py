@@ -87,6 +87,8 @@ class GraphSpec(ABC):
     # error of every listed variant is in the manifest. Highest seen on tiny / small snapshots: fp16 9.4e-3,
     # int8 dynamic 2.7e-2, int8 QDQ 6.4e-2 (docs/benchmarks.md).
     variant_rel_l2: Dict[str, float] = {"fp16": 3e-2, "int8_dynamic": 0.15, "int8_qdq": 0.2}
+    # int8_dynamic weight format (export/precision.py): int8 per channel for MatMul graphs, uint8 for conv graphs
+    int8_dynamic_signed_weights: bool = True
 
     @abstractmethod
     def build(self, snapshot: Path) -> torch.nn.Module:
