@@ -62,12 +62,35 @@ def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
         return manifest.artifact(name, "fp32")
 
 
+ONNX_GRAPHS = ("whisper_encoder", "vq_encoder", "dit_step", "vocoder")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
+
+
+def parse_precisions(spec: str) -> Dict[str, str]:
+    """``"int8_dynamic"`` (every graph) or ``"fp32,dit_step=int8_dynamic"`` (a default, then per-graph choices)
+    -> {graph: precision} for every ONNX graph."""
+    chosen: Dict[str, str] = {}
+    default = "fp32"
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        graph, _, precision = item.rpartition("=")
+        if precision not in ONNX_PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {ONNX_PRECISIONS}")
+        if graph and graph not in ONNX_GRAPHS:
+            raise ValueError(f"precision for {graph!r}: no such graph; graphs are {ONNX_GRAPHS}")
+        if graph:
+            chosen[graph] = precision
+        else:
+            default = precision
+    return {graph: chosen.get(graph, default) for graph in ONNX_GRAPHS}
+
+
 def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precision: Optional[str] = None,
                            device: str = "auto", threads: Optional[int] = None, n_gpu_layers: int = 0,
                            streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None,
                            text_only: bool = False) -> Components:
     """Opens the artifacts of a verified bundle. ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic |
-    int8_qdq; graphs without it fall back to fp32, logged); ``llm_precision``: GGUF variant (default: the smallest
+    int8_qdq) for every graph, or per graph as :func:`parse_precisions` reads it (on CPU: ``"fp32,dit_step=
+    int8_dynamic"``); graphs without the variant fall back to fp32, logged; ``llm_precision``: GGUF variant (default: the smallest
     one the bundle has). ``text_only``: for the text tasks (asr, qa) — the LLM's audio branch, the DiT and the
     vocoder are not opened (at full size ~8 GB fp32 of graphs and a fifth of the LLM not in memory)."""
     from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
@@ -79,9 +102,12 @@ def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precisi
     manifest = load_bundle(bundle)
     model = manifest.model
     # int8 flipped 2-62 of 177 ids on real speech (tests/test_encoder_graphs.py): the VQ encoder stays at fp32/fp16
-    speech_out = () if text_only else ("dit_step", "vocoder")
-    chosen = {name: precision for name in ("whisper_encoder", *speech_out)}
-    chosen["vq_encoder"] = precision if precision in VQ_PRECISIONS else "fp32"
+    chosen = parse_precisions(precision)
+    if chosen["vq_encoder"] not in VQ_PRECISIONS:
+        log.info("vq_encoder: %s is not used (it flips semantic ids), using fp32", chosen["vq_encoder"])
+        chosen["vq_encoder"] = "fp32"
+    if text_only:
+        del chosen["dit_step"], chosen["vocoder"]
     sessions = {name: open_session(bundle, _pick(manifest, name, p), device=device, threads=threads, cache_dir=cache_dir)
                 for name, p in chosen.items()}
     codebook = np.load(bundle / manifest.artifact("vq_codebook").path)

@@ -71,3 +71,18 @@ def test_text_only_pipeline_transcribes_like_the_full_one_and_refuses_speech(exp
     assert text_only.run(samples, sr, "asr", config=config).text == pipeline.run(samples, sr, "asr", config=config).text
     with pytest.raises(ValueError, match="opened text_only"):
         next(text_only.turn(samples, sr, "chat"))
+
+
+def test_precision_per_graph_is_parsed_and_bad_names_are_refused() -> None:
+    from kimia_edge.runtime.pipeline import parse_precisions
+
+    assert parse_precisions("int8_dynamic") == dict.fromkeys(
+        ("whisper_encoder", "vq_encoder", "dit_step", "vocoder"), "int8_dynamic")
+    assert parse_precisions("fp32,dit_step=int8_dynamic") == {
+        "whisper_encoder": "fp32", "vq_encoder": "fp32", "dit_step": "int8_dynamic", "vocoder": "fp32"}
+    with pytest.raises(ValueError, match="no such graph"):
+        parse_precisions("dit=int8_dynamic")
+    with pytest.raises(ValueError, match="'int4'"):
+        parse_precisions("int4")
+    with pytest.raises(SystemExit):  # the CLI refuses it before opening anything
+        main(["transcribe", "--bundle", "unused", "--precision", "fp32,dit=int8", "x.wav"])
