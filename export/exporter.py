@@ -10,6 +10,7 @@ renamed into place at the end (export/bundle.py).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import logging
 import shutil
@@ -77,8 +78,8 @@ def _error_dict(prefix: str, err: ErrorStats) -> Dict[str, float]:
     return {f"{prefix}max_abs": err.max_abs, f"{prefix}rel_l2": err.rel_l2}
 
 
-def _measure(spec: GraphSpec, path: Path, module: torch.nn.Module, inputs: List[Sequence[torch.Tensor]],
-             refs: List[List[np.ndarray]]) -> ErrorStats:
+def _measure(spec: GraphSpec, path: Path, inputs: List[Sequence[torch.Tensor]], refs: List[List[np.ndarray]]
+             ) -> ErrorStats:
     worst = ErrorStats(0.0, 0.0)
     for x, ref in zip(inputs, refs):
         worst = worst.worst(compare(spec, run_onnx(path, spec, x), ref))
@@ -111,6 +112,8 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         calibration, speech_eval = speech_feeds[:-_CALIBRATION_HOLDOUT] or speech_feeds, speech_feeds[-_CALIBRATION_HOLDOUT:]
         speech_inputs = _feeds_to_inputs(spec, speech_eval)
         speech_refs = [run_torch(module, x) for x in speech_inputs]
+        del module  # the references are computed: free the weights before quantizing (a 6 GB graph needs ~15 GB)
+        gc.collect()
 
         rejected: Dict[str, Dict[str, float]] = {}
         for precision in precisions:
@@ -122,10 +125,10 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
                 continue
             vpath = writer.path(f"{name}.{precision}.onnx")
             make_variant(precision, writer.path(rel), vpath, calibration, spec.int8_dynamic_signed_weights)
-            worst = _measure(spec, vpath, module, held_out, held_refs)
+            worst = _measure(spec, vpath, held_out, held_refs)
             error = _error_dict("", worst)
             if speech_inputs:
-                speech = _measure(spec, vpath, module, speech_inputs, speech_refs)
+                speech = _measure(spec, vpath, speech_inputs, speech_refs)
                 error.update(_error_dict("speech_", speech))
                 worst = worst.worst(speech)
             if worst.rel_l2 > spec.variant_rel_l2[precision]:
