@@ -108,11 +108,12 @@ def interleaved_medians(paths: Sequence[Tuple[str, Callable[[], object]]], repea
 
 
 def fp32_graph(spec: GraphSpec, module: torch.nn.Module, tmp: Path, onnx_dir: Optional[Path]) -> Path:
-    """``<onnx_dir>/<name>.fp32.onnx`` if given and present (e.g. a full-size export made once), else a fresh export."""
-    if onnx_dir is not None and (onnx_dir / f"{spec.name}.fp32.onnx").exists():
-        return onnx_dir / f"{spec.name}.fp32.onnx"
-    path = tmp / f"{spec.name}.fp32.onnx"
-    export_graph(spec, module, path)
+    """``<onnx_dir>/<name>.fp32.onnx``, exported there unless present (a full-size export is made once); without
+    ``onnx_dir``, a fresh export in ``tmp``."""
+    path = (onnx_dir or tmp) / f"{spec.name}.fp32.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_graph(spec, module, path)
     return path
 
 
@@ -126,16 +127,20 @@ def bench_component(name: str, args: argparse.Namespace, context: CalibrationCon
     feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
     paths: List[Tuple[str, Callable[[], object]]] = [("torch fp32", torch_callable(spec, module, inputs))]
     errors = {"torch fp32": None}
+    graphs: Dict[str, Path] = {}  # every variant file first: quantizing a 6 GB graph beside open sessions runs out of memory
     for precision in args.precisions:
-        path = fp32
-        if precision != "fp32":
-            calibration = spec.calibration_feeds(module, context) if precision == "int8_qdq" else None
-            if precision == "int8_qdq" and not calibration:
-                print(f"{name}: no int8_qdq (no calibration speech or no calibration_feeds)")
-                continue
-            path = make_variant(precision, fp32, tmp / f"{name}.{precision}.onnx", calibration,
-                                spec.int8_dynamic_signed_weights)
-            del calibration
+        kept = args.onnx_dir / f"{name}.{precision}.onnx" if args.onnx_dir else None
+        if precision == "fp32" or (kept is not None and kept.exists()):  # e.g. a bundle's variants
+            graphs[precision] = fp32 if precision == "fp32" else kept
+            continue
+        calibration = spec.calibration_feeds(module, context) if precision == "int8_qdq" else None
+        if precision == "int8_qdq" and not calibration:
+            print(f"{name}: no int8_qdq (no calibration speech or no calibration_feeds)")
+            continue
+        graphs[precision] = make_variant(precision, fp32, (args.onnx_dir or tmp) / f"{name}.{precision}.onnx",
+                                         calibration, spec.int8_dynamic_signed_weights)
+        del calibration
+    for precision, path in graphs.items():
         session = open_bench_session(path, args.threads, args.ort_opt_level, not args.ort_no_spin)
         errors[f"onnx {precision}"] = compare(spec, session.run(feeds), ref)
         paths.append((f"onnx {precision}", lambda s=session: s.run(feeds)))
@@ -187,7 +192,7 @@ def main() -> None:
     parser.add_argument("--dit-evals", type=int, default=DIT_EVALS_PER_CHUNK,
                         help=f"DiT evaluations timed per round, scaled to a {DIT_EVALS_PER_CHUNK}-evaluation chunk "
                              "(fewer for the full-size DiT)")
-    parser.add_argument("--onnx-dir", type=Path, help="reuse <dir>/<component>.fp32.onnx instead of exporting")
+    parser.add_argument("--onnx-dir", type=Path, help="keep / reuse <dir>/<component>.<precision>.onnx (made once)")
     parser.add_argument("--ort-opt-level", choices=ORT_OPT_LEVELS, default="all")
     parser.add_argument("--ort-no-spin", action="store_true", help="ORT intra-op threads sleep instead of spinning")
     parser.add_argument("--json", type=Path)
