@@ -88,11 +88,13 @@ def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precisi
                            device: str = "auto", threads: Optional[int] = None, n_gpu_layers: int = 0,
                            streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None,
                            text_only: bool = False) -> Components:
-    """Opens the artifacts of a verified bundle. ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic |
-    int8_qdq) for every graph, or per graph as :func:`parse_precisions` reads it (on CPU: ``"fp32,dit_step=
-    int8_dynamic"``); graphs without the variant fall back to fp32, logged; ``llm_precision``: GGUF variant (default: the smallest
-    one the bundle has). ``text_only``: for the text tasks (asr, qa) — the LLM's audio branch, the DiT and the
-    vocoder are not opened (at full size ~8 GB fp32 of graphs and a fifth of the LLM not in memory)."""
+    """Opens the artifacts of a verified bundle.
+
+    ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic | int8_qdq) for every graph, or per graph as
+    :func:`parse_precisions` reads it (on CPU: ``"fp32,dit_step=int8_dynamic"``); a graph without the variant falls
+    back to fp32, logged. ``llm_precision``: GGUF variant (default: the smallest one the bundle has).
+    ``text_only``: for the text tasks (asr, qa) — the LLM's audio branch, the DiT and the vocoder are not opened
+    (at full size ~7 GB of fp32 graphs and a fifth of the LLM not in memory)."""
     from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
     from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
     from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
