@@ -324,3 +324,13 @@ def test_large_snapshot_roundtrip(tmp_path: Path, size: str):
     assert wav.shape == (1, 1, 4 * cfg.hop_size)
     assert 0.01 < wav.std().item() < 0.5 and wav.abs().max().item() < 1.0
     (tmp_path / "vocoder" / "model.pt").unlink()   # do not leave up to 1 GB behind in pytest's kept tmp dirs
+
+
+def test_frozen_phase_filters_keep_official_parity(official_vocoder, vocoder_io):
+    """The export form (phase filters stored once, weight norm folded) still equals the official output."""
+    _, _, model = official_vocoder
+    frozen = model.folded_copy().freeze_phase_filters()
+    assert frozen.state_dict().keys() == model.folded_copy().state_dict().keys()  # nothing new in the checkpoint
+    with torch.no_grad():
+        err = (frozen(vocoder_io["mel"]) - vocoder_io["wav"]).abs().max().item()
+    assert err <= WAV_PARITY_ATOL

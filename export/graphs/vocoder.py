@@ -40,7 +40,7 @@ class VocoderGraph(GraphSpec):
     int8_dynamic_signed_weights = False  # all convs: ORT's ConvInteger is faster with uint8 weights
 
     def build(self, snapshot: Path) -> torch.nn.Module:
-        return load_vocoder(snapshot).folded_copy().eval()
+        return load_vocoder(snapshot).folded_copy().freeze_phase_filters().eval()
 
     def example_inputs(self, module: torch.nn.Module, length: int, seed: int) -> Tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(seed)

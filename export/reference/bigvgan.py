@@ -294,6 +294,10 @@ class Activation1d(nn.Module):
         self.downsample = DownSample1d()
         if (self.upsample.ratio, self.upsample.filter.shape[-1]) != (2, 12):
             raise ValueError("Activation1d: the phase form is derived for ratio 2 and 12-tap filters")
+        # per-channel phase filters, made once by freeze_phase_filters() (export: constants instead of the ~15 ops
+        # that derive them from the checkpoint's filters, which made the exporter's optimiser several times slower)
+        self.register_buffer("frozen_up", None, persistent=False)
+        self.register_buffer("frozen_down", None, persistent=False)
 
     def phase_filters(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(up [2, 1, 7]: even, odd phase with the ×2 gain; down [1, 2, 7]: taps on the even, odd phase)."""
@@ -303,16 +307,24 @@ class Activation1d(nn.Module):
         down = torch.stack([torch.cat([zero, d[1::2]]), torch.cat([d[0::2], zero])])[None]
         return up, down
 
+    def freeze_phase_filters(self, channels: int) -> None:
+        """Stores the per-channel phase filters of ``channels`` channels (call after loading the checkpoint)."""
+        up, down = self.phase_filters()
+        self.frozen_up, self.frozen_down = up.repeat(channels, 1, 1), down.repeat(channels, 1, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t = x.shape
-        up, down = self.phase_filters()
+        if self.frozen_up is not None and self.frozen_up.shape[0] == 2 * c:
+            up, down = self.frozen_up, self.frozen_down
+        else:
+            up, down = (f.repeat(c, 1, 1) for f in self.phase_filters())
         e = self._EDGE
-        y = F.conv1d(F.pad(x, (e, e), mode=ANTI_ALIAS_PAD_MODE), up.repeat(c, 1, 1), groups=c)  # [B, 2C, T]
+        y = F.conv1d(F.pad(x, (e, e), mode=ANTI_ALIAS_PAD_MODE), up, groups=c)  # [B, 2C, T]
         y = self.act(y.view(b, c, 2 * t)).view(b, c, 2, t)        # channel c: its T even, then its T odd samples
         left = y[:, :, :1, :1].expand(b, c, 2, e)                  # first sample of the ×2 signal (even phase)
         right = y[:, :, 1:, t - 1:].expand(b, c, 2, e)             # last sample (odd phase)
         y = torch.cat([left, y, right], dim=3).view(b, 2 * c, t + 2 * e)
-        return F.conv1d(y, down.repeat(c, 1, 1), groups=c)
+        return F.conv1d(y, down, groups=c)
 
     def unfused(self, x: torch.Tensor) -> torch.Tensor:
         """The official sequence, literally: down-sample(act(up-sample(x)))."""
@@ -436,6 +448,13 @@ class BigVGAN(nn.Module):
         if not self.is_weight_normed:
             raise ValueError("fold_weight_norm: the model holds no weight-normed convolution (already folded?)")
         _fold_children(self)
+        return self
+
+    def freeze_phase_filters(self) -> "BigVGAN":
+        """In place: every anti-aliased activation stores its phase filters (for export). Returns ``self``."""
+        for module in self.modules():
+            if isinstance(module, Activation1d):
+                module.freeze_phase_filters(module.act.alpha.shape[0])
         return self
 
     def folded_copy(self) -> "BigVGAN":
