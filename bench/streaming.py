@@ -76,7 +76,7 @@ def run_stream(step, vocoder, cfg: DitConfig, streaming: StreamingConfig, tokens
     first: Optional[float] = None
     samples, chunks = 0, []
     for tok in tokens:
-        for chunk in [*det.push([int(tok)])]:
+        for chunk in det.push([int(tok)]):
             now = time.perf_counter()
             chunks.append({"audio_start_s": samples / SAMPLE_RATE_HZ, "seconds": now - last,
                            "prefix_frames": chunk.prefix_frames, "reset": chunk.positions_reset})
