@@ -34,8 +34,9 @@ import torch
 from kimia_edge.export.exporter import audio_files
 from kimia_edge.export.graphs import REGISTRY, graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, GraphSpec, compare, export_graph, run_torch
-from kimia_edge.export.precision import PRECISIONS, make_variant
-from kimia_edge.runtime.dit_config import StreamingConfig
+from kimia_edge.quantization.variants import make_variant
+from kimia_edge.runtime.spec.precisions import PRECISION_NAMES as PRECISIONS
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.frontend import load_audio, to_16k_mono
 from kimia_edge.runtime.metrics import machine_label
 from kimia_edge.runtime.sessions import CPU_EP, Session

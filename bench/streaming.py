@@ -35,10 +35,11 @@ import torch
 from kimia_edge.export.graphs.base import export_graph
 from kimia_edge.export.graphs.dit_step import DitStepGraph
 from kimia_edge.export.graphs.vocoder import VocoderGraph
-from kimia_edge.export.precision import make_variant
+from kimia_edge.quantization.variants import make_variant
 from kimia_edge.export.reference.dit import TorchDitStep
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
-from kimia_edge.runtime.dit_config import DitConfig, StreamingConfig
+from kimia_edge.runtime.dit_config import DitConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
 from kimia_edge.runtime.metrics import machine_label
 from kimia_edge.runtime.sessions import open_file_session

@@ -10,7 +10,8 @@ from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 from kimia_edge import __version__
-from kimia_edge.runtime.manifest import MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest, ShapeProfile
+from kimia_edge.runtime.spec.manifest import (MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest, ModelConfig,
+                                              ShapeProfile)
 
 
 class BundleWriter:
@@ -21,7 +22,7 @@ class BundleWriter:
     ...     w.add("dit_step", "dit", "onnx", "fp32", ["dit_step.fp32.onnx"], error={"max_abs": 1e-5})
     """
 
-    def __init__(self, out: Path, model: Dict[str, Any], source: Dict[str, Any], overwrite: bool = False) -> None:
+    def __init__(self, out: Path, model: ModelConfig, source: Dict[str, Any], overwrite: bool = False) -> None:
         self.out = Path(out)
         self.model = model
         self.source = source

@@ -1,9 +1,34 @@
-"""Build-time sub-commands of ``kimia-edge`` (need the ``build`` extra: torch, onnx, gguf). Handlers import
-torch lazily, so registering them costs nothing."""
+"""Build-time sub-commands of ``kimia-edge`` (need the ``build`` extra: torch, onnx, gguf). Registering them
+imports nothing heavy, so ``kimia-edge --help`` works on a runtime-only install; each handler first checks that the
+build extra is installed and otherwise says so in one line (exit 2)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
+from typing import Callable
+
+from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
+from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES
+
+BUILD_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "gguf", "yaml")
+
+
+def missing_build_modules() -> list:
+    """The build extra's modules that cannot be imported here."""
+    return [m for m in BUILD_MODULES if importlib.util.find_spec(m) is None]
+
+
+def _needs_build_extra(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        missing = missing_build_modules()
+        if missing:
+            print(f"error: 'kimia-edge {args.command}' is build time and needs the build extra (missing: "
+                  f"{', '.join(missing)}): pip install 'kimia-edge[build]'", file=sys.stderr)
+            return 2
+        return handler(args)
+    return run
 
 
 def _snapshot_make(args: argparse.Namespace) -> int:
@@ -47,7 +72,7 @@ def _reference_run(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from kimia_edge.export.exporter import audio_files, export_bundle
-    from kimia_edge.runtime.manifest import load_bundle
+    from kimia_edge.runtime.bundle import load_bundle
 
     precisions = args.precision
     speech = audio_files(args.calibration_audio or [])
@@ -74,24 +99,21 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     make.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--components", nargs="+", choices=COMPONENTS, help="write only these (default: all)")
-    make.set_defaults(handler=_snapshot_make)
-
-    from kimia_edge.export.exporter import DEFAULT_PRECISIONS
-    from kimia_edge.export.graphs import REGISTRY
+    make.set_defaults(handler=_needs_build_extra(_snapshot_make))
 
     exp = sub.add_parser("export", help="export a snapshot to a bundle: ONNX graphs, GGUF LLM, manifest")
     exp.add_argument("--snapshot", type=Path, required=True)
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    exp.add_argument("--precision", nargs="+", default=list(DEFAULT_PRECISIONS), choices=DEFAULT_PRECISIONS,
+    exp.add_argument("--precision", nargs="+", default=list(PRECISION_NAMES), choices=PRECISION_NAMES,
                      help="ONNX precision variants (fp32 always)")
-    exp.add_argument("--graphs", nargs="+", choices=list(REGISTRY), help="only these graphs (default: all)")
+    exp.add_argument("--graphs", nargs="+", choices=ONNX_GRAPHS, help="only these graphs (default: all)")
     exp.add_argument("--calibration-audio", nargs="+", type=Path, help="speech files or folders for static int8")
     exp.add_argument("--llm-precision", choices=("f32", "f16"), default="f16", help="GGUF base precision")
-    exp.add_argument("--llm-quants", nargs="*", default=["Q4_K_M"], help="llama.cpp quant types (e.g. Q8_0 Q4_K_M)")
+    exp.add_argument("--llm-quants", nargs="*", default=list(DEFAULT_LLM_QUANTS), help="llama.cpp quant types (e.g. Q8_0 Q4_K_M)")
     exp.add_argument("--no-llm", action="store_true", help="skip the GGUF LLM")
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("--seed", type=int, default=0)
-    exp.set_defaults(handler=_export)
+    exp.set_defaults(handler=_needs_build_extra(_export))
 
     ref = sub.add_parser("reference", help="run the PyTorch reference (the golden pipeline)")
     ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION")
@@ -104,4 +126,4 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--max-steps", type=int, help="cap on generation steps (not official; random weights rarely stop)")
     run.add_argument("--threads", type=int, help="torch threads")
-    run.set_defaults(handler=_reference_run)
+    run.set_defaults(handler=_needs_build_extra(_reference_run))

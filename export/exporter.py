@@ -9,7 +9,6 @@ renamed into place at the end (export/bundle.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import logging
@@ -25,42 +24,41 @@ from tqdm import tqdm
 from kimia_edge.export.bundle import BundleWriter
 from kimia_edge.export.graphs import REGISTRY, graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec, compare, export_graph, run_onnx, run_torch
-from kimia_edge.export.precision import PRECISIONS, graph_files, make_variant
-from kimia_edge.runtime.manifest import MANIFEST_NAME
+from kimia_edge.export.fileio import graph_files
+from kimia_edge.quantization.variants import make_variant
+from kimia_edge.runtime.spec.graphs import TEXT_TOKENIZER, llm_artifact
+from kimia_edge.runtime.spec.manifest import MANIFEST_NAME, ModelConfig
+from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
+DEFAULT_PRECISIONS = PRECISION_NAMES
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 LLM_DIR = "llm"
 _CALIBRATION_HOLDOUT = 4  # speech-derived feeds kept out of calibration to measure the int8 error
 
 
-def _config_dict(cfg: Any) -> Dict[str, Any]:
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-
-
-def model_config(snapshot: Path) -> Dict[str, Any]:
+def model_config(snapshot: Path) -> ModelConfig:
     """The model config the runtime needs, read from the snapshot's own files."""
     from kimia_edge.export.reference.pipeline import find_glm_tokenizer
     from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder, read_whisper_encoder
     from kimia_edge.export.snapshot.detokenizer import read_detokenizer
     from kimia_edge.export.snapshot.llm import read_llm
     from kimia_edge.export.snapshot.vocoder import read_vocoder
-    from kimia_edge.runtime.dit_config import StreamingConfig
+    from kimia_edge.runtime.spec.streaming import StreamingConfig
     from kimia_edge.runtime.special_tokens import SpecialTokens
 
     llm, _ = read_llm(snapshot)
-    return {
-        "llm": _config_dict(llm),
-        "special_tokens": SpecialTokens.from_snapshot(snapshot).by_name(),
-        "whisper_encoder": _config_dict(read_whisper_encoder(snapshot)[0]),
-        "vq_encoder": _config_dict(read_vq_encoder(find_glm_tokenizer(snapshot, None))[0]),
-        "dit": _config_dict(read_detokenizer(snapshot)[0]),
-        "streaming": _config_dict(StreamingConfig()),
-        "vocoder": _config_dict(read_vocoder(snapshot)[0]),
-    }
+    return ModelConfig(
+        llm=llm,
+        special_tokens=SpecialTokens.from_snapshot(snapshot),
+        whisper_encoder=read_whisper_encoder(snapshot)[0],
+        vq_encoder=read_vq_encoder(find_glm_tokenizer(snapshot, None))[0],
+        dit=read_detokenizer(snapshot)[0],
+        streaming=StreamingConfig(),
+        vocoder=read_vocoder(snapshot)[0],
+    )
 
 
 def source_info(snapshot: Path) -> Dict[str, Any]:
@@ -107,7 +105,7 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         held_out = [spec.example_inputs(module, n, seed + 1000 + i) for i, n in enumerate(spec.parity_lengths)]
         held_refs = [run_torch(module, x) for x in held_out]
         speech_feeds: List[Dict[str, np.ndarray]] = []
-        if any(p == "int8_qdq" for p in precisions) and context.speech_16k:
+        if any(onnx_precision(p).needs_calibration for p in precisions) and context.speech_16k:
             speech_feeds = spec.calibration_feeds(module, context)
         calibration, speech_eval = speech_feeds[:-_CALIBRATION_HOLDOUT] or speech_feeds, speech_feeds[-_CALIBRATION_HOLDOUT:]
         speech_inputs = _feeds_to_inputs(spec, speech_eval)
@@ -119,8 +117,8 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         for precision in precisions:
             if precision == "fp32":
                 continue
-            if precision == "int8_qdq" and not calibration:
-                log.warning("%s: no int8_qdq variant (%s)", name,
+            if onnx_precision(precision).needs_calibration and not calibration:
+                log.warning("%s: no %s variant (%s)", name, precision,
                             "no calibration speech given" if not context.speech_16k else "this graph defines no calibration inputs")
                 continue
             vpath = writer.path(f"{name}.{precision}.onnx")
@@ -165,7 +163,7 @@ def export_llm(writer: BundleWriter, snapshot: Path, base_precision: str, quants
         sizes = gguf_component_bytes(files)
         for role, path in files.items():
             rel = str(Path(path).relative_to(writer.root))
-            writer.add(f"llm_{role}", "llm", "gguf", precision, [rel],
+            writer.add(llm_artifact(role), "llm", "gguf", precision, [rel],
                        extra={"tensor_bytes": sizes[role]["tensor_bytes"], "tensors": sizes[role]["tensors"]})
 
 
@@ -178,19 +176,19 @@ def copy_text_tokenizer(writer: BundleWriter, snapshot: Path) -> None:
             files.append(f"{TOKENIZER_DIR}/{name}")
     if not any(f.endswith("tiktoken.model") for f in files):
         raise FileNotFoundError(f"{snapshot}: tiktoken.model not found (the text tokenizer is part of the snapshot)")
-    writer.add("text_tokenizer", "tokenizer", "tiktoken", "n/a", files)
+    writer.add(TEXT_TOKENIZER, "tokenizer", "tiktoken", "n/a", files)
 
 
 def export_bundle(snapshot: Path, out: Path, precisions: Sequence[str] = DEFAULT_PRECISIONS,
                   graphs: Optional[Sequence[str]] = None, calibration_audio: Sequence[Path] = (),
-                  llm_precision: Optional[str] = "f16", llm_quants: Sequence[str] = ("Q4_K_M",),
+                  llm_precision: Optional[str] = "f16", llm_quants: Sequence[str] = DEFAULT_LLM_QUANTS,
                   overwrite: bool = False, seed: int = 0) -> Path:
     """Exports ``snapshot`` into the bundle folder ``out``; returns ``out``. ``llm_precision=None`` skips the LLM."""
     from kimia_edge.runtime.frontend import load_audio, to_16k_mono
 
-    bad = sorted(set(precisions) - set(PRECISIONS))
+    bad = sorted(set(precisions) - set(PRECISION_NAMES))
     if bad or "fp32" not in precisions:
-        raise ValueError(f"precisions must include fp32 and come from {PRECISIONS}, got {list(precisions)}")
+        raise ValueError(f"precisions must include fp32 and come from {PRECISION_NAMES}, got {list(precisions)}")
     if Path(out).exists() and not overwrite:  # before any work, not after minutes of export
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     names = list(graphs) if graphs else list(REGISTRY)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, List
 
 FILE_MODE = 0o644  # mkstemp creates 0600; published files are world-readable like any other
 
@@ -23,3 +23,14 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def external_data_file(graph: Path) -> Path:
+    """Where the weights of ``graph`` live when they are external (the exporters' and ORT's naming)."""
+    return graph.with_name(graph.name + ".data")
+
+
+def graph_files(graph: Path) -> List[Path]:
+    """The graph and, if it has one, its external-data file."""
+    data = external_data_file(graph)
+    return [graph] + ([data] if data.exists() else [])

@@ -39,36 +39,17 @@ from kimia_edge.runtime.llm_config import KimiaConfig
 
 import gguf
 
+from kimia_edge.runtime.spec.gguf import ADAPTOR_ARCH, ADAPTOR_TENSORS, ARCH, KIMIA_KEYS
+from kimia_edge.runtime.spec.gguf import FILES as GGUF_FILES
+from kimia_edge.runtime.spec.precisions import LLM_BASE_PRECISIONS
+
 __all__ = ["export_llm_gguf", "gguf_component_bytes", "GGUFExport", "TRUNK_FILE", "AUDIO_FILE", "ADAPTOR_FILE",
            "PRECISIONS", "KIMIA_KEYS", "trunk_tensor_map", "audio_tensor_map", "adaptor_tensor_map"]
 
 log = logging.getLogger(__name__)
 
-TRUNK_FILE = "llm_trunk.gguf"
-AUDIO_FILE = "llm_audio.gguf"
-ADAPTOR_FILE = "llm_adaptor.gguf"
-PRECISIONS = ("f32", "f16")
-ARCH = "qwen2"
-ADAPTOR_ARCH = "kimia-adaptor"  # not a llama.cpp architecture: the file is only read with GGUFReader
-
-# Our own metadata keys (the runtime reads these; see runtime/llm_llamacpp.py).
-KIMIA_KEYS = {
-    "role": "kimia.role",                          # "trunk" | "audio" | "adaptor"
-    "fork": "kimia.fork_layer",                    # kimia_mimo_transformer_from_layer_index
-    "main_layers": "kimia.main_layers",            # num_hidden_layers
-    "mimo_layers": "kimia.mimo_layers",            # kimia_mimo_layers
-    "token_offset": "kimia.token_offset",          # kimia_token_offset
-    "vocab_size": "kimia.vocab_size",
-    "hidden_size": "kimia.hidden_size",
-    "media_begin": "kimia.media_begin",
-    "media_end": "kimia.media_end",
-    "adaptor_input_dim": "kimia.adaptor_input_dim",
-    "adaptor_eps": "kimia.adaptor_layer_norm_eps",  # the adaptor LayerNorm uses rms_norm_eps (reference §1.2)
-    "feature_scale": "kimia.continuous_feature_scale",  # sqrt(2) rounded to the snapshot dtype (reference §1.5)
-    "use_whisper_feature": "kimia.use_whisper_feature",
-    "source": "kimia.source_snapshot",
-    "source_dtype": "kimia.source_dtype",
-}
+TRUNK_FILE, AUDIO_FILE, ADAPTOR_FILE = GGUF_FILES["trunk"], GGUF_FILES["audio"], GGUF_FILES["adaptor"]
+PRECISIONS = tuple(p.lower() for p in LLM_BASE_PRECISIONS)  # the base GGUF precision, as gguf names it
 
 # Per-layer name map, HF suffix -> GGUF suffix (llama.cpp LLM_TENSOR names for qwen2).
 _LAYER_MAP: Tuple[Tuple[str, str], ...] = (
@@ -86,14 +67,10 @@ _LAYER_MAP: Tuple[Tuple[str, str], ...] = (
     ("mlp.down_proj.weight", "ffn_down.weight"),
 )
 # Adaptor: HF key -> our tensor name in llm_adaptor.gguf.
-_ADAPTOR_MAP: Tuple[Tuple[str, str], ...] = (
-    ("model.vq_adaptor.layers.0.weight", "adaptor.fc1.weight"),
-    ("model.vq_adaptor.layers.0.bias", "adaptor.fc1.bias"),
-    ("model.vq_adaptor.layers.3.weight", "adaptor.fc2.weight"),
-    ("model.vq_adaptor.layers.3.bias", "adaptor.fc2.bias"),
-    ("model.vq_adaptor.layers.4.weight", "adaptor.norm.weight"),
-    ("model.vq_adaptor.layers.4.bias", "adaptor.norm.bias"),
-)
+_ADAPTOR_MAP: Tuple[Tuple[str, str], ...] = tuple(zip(
+    ("model.vq_adaptor.layers.0.weight", "model.vq_adaptor.layers.0.bias", "model.vq_adaptor.layers.3.weight",
+     "model.vq_adaptor.layers.3.bias", "model.vq_adaptor.layers.4.weight", "model.vq_adaptor.layers.4.bias"),
+    ADAPTOR_TENSORS))
 # llama.cpp needs a tokenizer model key; "none" loads with the low-level API (environment notes). Our runtime has
 # its own text tokenizer and feeds embeddings, never token ids, so llama.cpp's vocabulary is never used.
 _TOKENIZER_MODEL = "none"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict
 
 from kimia_edge.export.fileio import atomic_write
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 
 log = logging.getLogger(__name__)
 

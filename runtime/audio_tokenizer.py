@@ -28,20 +28,17 @@ from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import CONV1_STRIDE, CONV2_STRIDE, VQEncoderConfig, WhisperEncoderConfig
 from kimia_edge.runtime.prompt import AudioEncoding
 from kimia_edge.runtime.sessions import Session
+from kimia_edge.runtime.spec.graphs import VQ_CODEBOOK
 
 __all__ = [
     "OnnxAudioTokenizer",
     "vq_segment_inputs",
     "nearest_codebook_rows",
     "kept_positions",
-    "CODEBOOK_ARTIFACT",
     "FRAMES_PER_FEATURE",
     "MAX_BATCH_SEGMENTS",
 ]
 
-# Bundle artifact holding the VQ codebook [V, d] float32 as .npy (written by the exporter from the VQ graph's
-# sidecar arrays).
-CODEBOOK_ARTIFACT = "vq_codebook"
 # 50 Hz Whisper frames per 12.5 Hz feature row: KimiAPromptManager.extract_whisper_feat reshapes [4N, d] -> [N, 4d]
 # (and WhisperEncoder.tokenize_waveform keeps 4 * token_len frames per segment).
 FRAMES_PER_FEATURE = 4
@@ -118,7 +115,7 @@ class OnnxAudioTokenizer:
                     with_adaptor: bool = False, adaptor_precision: str = "fp32", device: str = "auto",
                     threads: Optional[int] = None, strict: bool = False) -> "OnnxAudioTokenizer":
         """Opens the encoder artifacts of the bundle at ``root`` (configs from its manifest)."""
-        from kimia_edge.runtime.manifest import load_bundle
+        from kimia_edge.runtime.bundle import load_bundle
         from kimia_edge.runtime.sessions import open_session
 
         root = Path(root)
@@ -130,9 +127,9 @@ class OnnxAudioTokenizer:
         return cls(
             vq=session("vq_encoder", vq_precision),
             whisper=session("whisper_encoder", whisper_precision),
-            codebook=np.load(root / manifest.artifact(CODEBOOK_ARTIFACT).path, allow_pickle=False),
-            vq_config=manifest.model["vq_encoder"],
-            whisper_config=manifest.model["whisper_encoder"],
+            codebook=np.load(root / manifest.artifact(VQ_CODEBOOK).path, allow_pickle=False),
+            vq_config=manifest.model.vq_encoder,
+            whisper_config=manifest.model.whisper_encoder,
             adaptor=session("adaptor", adaptor_precision) if with_adaptor else None,
         )
 

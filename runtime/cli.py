@@ -14,7 +14,8 @@ def _selfcheck(args: argparse.Namespace) -> int:
 
 
 def _bundle_verify(args: argparse.Namespace) -> int:
-    from kimia_edge.runtime.manifest import BundleError, read_manifest, verify_bundle
+    from kimia_edge.runtime.bundle import read_manifest, verify_bundle
+    from kimia_edge.runtime.spec.manifest import BundleError
 
     try:
         manifest = read_manifest(args.bundle)
@@ -63,14 +64,26 @@ class _Output:
             print(f"wrote {self.wav_path}: {wav.size / self.rate:.2f} s at {self.rate} Hz", file=sys.stderr)
 
 
+def options_from_args(args: argparse.Namespace, text_only: bool = False):
+    """The one ``PipelineOptions`` every runtime verb opens its bundle with."""
+    from kimia_edge.runtime.pipeline import PipelineOptions
+
+    streaming = {"first_chunk_tokens": args.first_chunk_tokens} if args.first_chunk_tokens else {}
+    options = PipelineOptions(precision=args.precision, llm_precision=args.llm_precision, device=args.device,
+                              threads=args.threads, n_gpu_layers=args.n_gpu_layers, streaming=streaming,
+                              text_only=text_only)
+    try:
+        options.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return options
+
+
 def _pipeline(args: argparse.Namespace, text_only: bool = False):
-    from kimia_edge.runtime.dit_config import StreamingConfig
     from kimia_edge.runtime.pipeline import Pipeline
 
-    streaming = StreamingConfig(first_chunk_tokens=args.first_chunk_tokens) if args.first_chunk_tokens else None
-    return Pipeline.from_bundle(args.bundle, precision=args.precision, llm_precision=args.llm_precision,
-                                device=args.device, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                                streaming=streaming, text_only=text_only)
+    return Pipeline.from_bundle(args.bundle, options_from_args(args, text_only))
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -81,6 +94,7 @@ def _chat(args: argparse.Namespace) -> int:
     from kimia_edge.runtime.tasks import generation_config
 
     pipe = _pipeline(args)
+    conversation = pipe.conversation(keep_history=args.mic)
     out = _Output(args.output, args.speaker, pipe.c.output_sample_rate_hz)
     turns, ok = 0, False
     try:
@@ -93,16 +107,17 @@ def _chat(args: argparse.Namespace) -> int:
             else:
                 samples, rate = load_audio(args.input)
             config = generation_config(args.task, args.seed, step_limit=args.max_steps)
-            for event in pipe.turn(samples, rate, args.task, config=config, seed=args.seed, keep_history=args.mic):
+            for event in conversation.turn(samples, rate, args.task, config=config, seed=args.seed):
                 if isinstance(event, TextEvent) and not args.json:
                     print(event.text, end="", flush=True)
                 elif isinstance(event, AudioEvent):
                     out.add(event.samples)
             turns += 1
             if args.json:
-                print(json.dumps({"text": pipe.last_text, "metrics": json.loads(pipe.last_metrics.to_json())}, ensure_ascii=False))
+                last = conversation.last
+                print(json.dumps({"text": last.text, "metrics": json.loads(last.metrics.to_json())}, ensure_ascii=False))
             else:
-                print("\n" + pipe.last_metrics.table(), file=sys.stderr)
+                print("\n" + conversation.last.metrics.table(), file=sys.stderr)
             if not args.mic or (args.turns and turns >= args.turns):
                 break
         ok = True
@@ -137,22 +152,26 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _precisions(text: str) -> str:
-    from kimia_edge.runtime.pipeline import parse_precisions
+    from kimia_edge.runtime.spec.precisions import parse_precision_spec
 
     try:
-        parse_precisions(text)
+        parse_precision_spec(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
 def _runtime_options(p: argparse.ArgumentParser) -> None:
+    from kimia_edge.runtime.sessions import DEVICES
+    from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
+
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--precision", default="fp32", type=_precisions,
-                   help="ONNX variant of every graph (fp32 | fp16 | int8_dynamic | int8_qdq), or a default and "
-                        "per-graph choices, e.g. fp32,dit_step=int8_dynamic (the fastest CPU mix measured)")
+    p.add_argument("--precision", type=_precisions,
+                   help=f"ONNX variant of every graph ({' | '.join(PRECISION_NAMES)}), or a default and per-graph "
+                        "choices, e.g. fp32,dit_step=int8_dynamic (the fastest CPU mix measured); default: fp32 on a "
+                        "CPU, fp16 on a GPU")
     p.add_argument("--llm-precision", help="GGUF variant (default: the smallest in the bundle)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "tensorrt"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--threads", type=int)
     p.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers on the GPU (untested on GPU)")
     p.add_argument("--first-chunk-tokens", type=int, help="smaller first detokenizer chunk = earlier first audio")
@@ -166,11 +185,12 @@ def _guarded(handler):
     def run(args: argparse.Namespace) -> int:
         from kimia_edge.runtime.audio_io import AudioDeviceError
         from kimia_edge.runtime.frontend import AudioFileError
-        from kimia_edge.runtime.manifest import BundleError
+        from kimia_edge.runtime.sessions import ProviderUnavailable
+        from kimia_edge.runtime.spec.manifest import BundleError
 
         try:
             return handler(args)
-        except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError) as e:
+        except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError, ProviderUnavailable) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return run

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 
-from kimia_edge.runtime.dit_config import TIMESTEP_SCALE, DitConfig, StreamingConfig
+from kimia_edge.runtime.dit_config import TIMESTEP_SCALE, DitConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 
 __all__ = ["StreamingDetokenizer", "WaveChunk", "DitStep", "Vocoder", "NoiseSource", "euler_time_grid",
            "hamming_window_periodic", "PRIMING_T"]

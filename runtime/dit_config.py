@@ -1,4 +1,4 @@
-"""Configuration of the flow-matching DiT detokenizer and of its streaming schedule (torch-free).
+"""Configuration of the flow-matching DiT detokenizer (torch-free).
 
 - ``DitConfig``: the snapshot's ``audio_detokenizer/config.yaml`` as ``StreamingSemanticFMWrapper.from_pretrained``
   reads it (kimia_infer/models/detokenizer/semantic_fm_prefix_streaming.py): the ``model.dit`` section builds
@@ -6,18 +6,15 @@
   normalisation. Defaults exist only where the official loader has one (``model_config.get(key, default)``); the
   keys it indexes directly are required. Construction is from a plain dict (the parsed YAML); reading the YAML file
   itself is the export side's job (``kimia_edge.export.snapshot.detokenizer``), so this module needs no yaml.
-- ``StreamingConfig``: the chunked streaming constants. Defaults are the official ones (kimia.py
-  ``detokenize_audio``, detokenizer/__init__.py ``get_audio_detokenizer`` / ``PrefixStreamingFlowMatchingDetokenizer``);
-  the first-chunk size and chunk growth are our parameters (the official code fixes both).
+The streaming schedule (``StreamingConfig``) is part of the bundle contract: ``kimia_edge.runtime.spec.streaming``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 __all__ = [
     "DitConfig",
-    "StreamingConfig",
     "FFN_TYPES",
     "POSITION_EMBEDDING_TYPES",
     "SUPPORTED_FFN_TYPE",
@@ -236,102 +233,3 @@ class DitConfig:
                 raise ValueError("mel_mean: expected a number when normalize_mel is true, got None")
             if self.mel_std is None or self.mel_std <= 0:
                 raise ValueError(f"mel_std: expected > 0 when normalize_mel is true, got {self.mel_std}")
-
-
-# ---- streaming schedule -------------------------------------------------------------------------------------------
-# kimia.py KimiAudio.detokenize_audio: chunk_size = 30 ("hard-coded right now"), first_chunk_size = 30,
-# upsample_factor=4 (12.5 Hz tokens -> 50 Hz frames), detokenize_streaming(ode_step=30) default.
-_CHUNK_TOKENS = 30
-_FIRST_CHUNK_TOKENS = 30
-_UPSAMPLE_FACTOR = 4
-_ODE_TIME_POINTS = 30
-# detokenizer/__init__.py get_audio_detokenizer: look_ahead_tokens=12, max_kv_cache_tokens=900 (frames, the
-# StreamingSemanticFMWrapper default passed through); PrefixStreamingFlowMatchingDetokenizer.__init__:
-# max_pos_size = 4096, frame_size = 480 ("how many samples in a frame").
-_LOOK_AHEAD_TOKENS = 12
-_MAX_KV_CACHE_FRAMES = 900
-_MAX_POSITIONS = 4096
-_FRAME_SIZE_SAMPLES = 480
-
-
-@dataclass(frozen=True)
-class StreamingConfig:
-    """Chunk schedule of the streaming detokenizer. Token counts are 12.5 Hz semantic tokens, frames are 50 Hz mel
-    frames (one token = ``upsample_factor`` frames), samples are 24 kHz waveform samples.
-
-    Chunk sizes count *consumed* tokens, as in kimia.py: chunk 0 takes ``first_chunk_tokens``, chunk 1
-    ``chunk_tokens``, and every later chunk ``chunk_growth_tokens`` more than the previous one, capped at
-    ``max_chunk_tokens`` (growth 0 = the official fixed size).
-    """
-
-    chunk_tokens: int = _CHUNK_TOKENS
-    first_chunk_tokens: int = _FIRST_CHUNK_TOKENS
-    chunk_growth_tokens: int = 0
-    max_chunk_tokens: Optional[int] = None
-    look_ahead_tokens: int = _LOOK_AHEAD_TOKENS
-    upsample_factor: int = _UPSAMPLE_FACTOR
-    ode_time_points: int = _ODE_TIME_POINTS
-    max_kv_cache_frames: int = _MAX_KV_CACHE_FRAMES
-    max_positions: int = _MAX_POSITIONS
-    frame_size_samples: int = _FRAME_SIZE_SAMPLES
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "StreamingConfig":
-        """Builds and validates from a plain dict (e.g. the bundle manifest); absent keys take the official
-        defaults, unknown keys raise."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"streaming config: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        cfg = cls(**dict(data))
-        cfg.validate()
-        return cfg
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    # ---- derived ------------------------------------------------------------------------------------------------
-    @property
-    def euler_steps(self) -> int:
-        """Euler evaluations per chunk: ode_time_points - 1 (torchdyn over linspace(0, 1, ode_time_points))."""
-        return self.ode_time_points - 1
-
-    @property
-    def look_ahead_frames(self) -> int:
-        return self.look_ahead_tokens * self.upsample_factor
-
-    def chunk_tokens_at(self, index: int) -> int:
-        """Tokens consumed by chunk ``index`` (0-based)."""
-        if index < 0:
-            raise ValueError(f"index: expected >= 0, got {index}")
-        if index == 0:
-            return self.first_chunk_tokens
-        size = self.chunk_tokens + (index - 1) * self.chunk_growth_tokens
-        if self.max_chunk_tokens is not None:
-            size = min(size, self.max_chunk_tokens)
-        return size
-
-    def validate(self) -> None:
-        """Raises ValueError naming the field when the fields do not fit together."""
-        for name in ("chunk_tokens", "first_chunk_tokens", "upsample_factor", "max_kv_cache_frames",
-                     "max_positions", "frame_size_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: expected > 0, got {getattr(self, name)}")
-        if self.look_ahead_tokens < 0:
-            raise ValueError(f"look_ahead_tokens: expected >= 0, got {self.look_ahead_tokens}")
-        if self.chunk_growth_tokens < 0:
-            raise ValueError(f"chunk_growth_tokens: expected >= 0, got {self.chunk_growth_tokens}")
-        if self.max_chunk_tokens is not None and self.max_chunk_tokens < self.chunk_tokens:
-            raise ValueError(f"max_chunk_tokens: expected >= chunk_tokens {self.chunk_tokens}, "
-                             f"got {self.max_chunk_tokens}")
-        if self.ode_time_points < 2:
-            raise ValueError(f"ode_time_points: expected >= 2 (one Euler step needs two time points), "
-                             f"got {self.ode_time_points}")
-        # Largest chunk the DiT sees: carried look-ahead + the largest consumed chunk; it must fit the positions.
-        biggest = max(self.first_chunk_tokens, self.chunk_tokens, self.max_chunk_tokens or 0)
-        if self.chunk_growth_tokens and self.max_chunk_tokens is None:
-            raise ValueError("max_chunk_tokens: expected a cap when chunk_growth_tokens > 0, got None")
-        frames = (biggest + self.look_ahead_tokens) * self.upsample_factor
-        if frames > self.max_positions:
-            raise ValueError(f"max_positions: expected >= the largest chunk ({frames} frames incl. look-ahead), "
-                             f"got {self.max_positions}")

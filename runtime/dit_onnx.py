@@ -6,7 +6,7 @@ the graph's dtype and layout (the state machine's always do); the prefix K/V is 
 the state machine hands the same two arrays to every call of a chunk — by copying it into a buffer kept from the
 previous chunk (no copy at all when it is already contiguous float32); t_int and prefix_len live in two reused
 1-element arrays. The outputs are ONNX Runtime's own arrays, which the caller keeps.
-An empty prefix (first chunk) becomes the MIN_PREFIX masked slots the graph expects (export/graphs/dit_step.py).
+An empty prefix (first chunk) becomes the MIN_PREFIX_SLOTS masked slots the graph expects (export/graphs/dit_step.py).
 """
 from __future__ import annotations
 
@@ -15,18 +15,21 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from kimia_edge.runtime.sessions import Session
+from kimia_edge.runtime.spec.graphs import GRAPHS
+from kimia_edge.runtime.spec.streaming import MIN_PREFIX_SLOTS
 
-MIN_PREFIX = 2  # must match export/graphs/dit_step.py: an empty prefix is MIN_PREFIX masked slots
+_DIT_INPUTS = GRAPHS["dit_step"].inputs
+_VOCODER_INPUT = GRAPHS["vocoder"].inputs[0]
 
 
 def pad_prefix(prefix_k: np.ndarray, prefix_v: np.ndarray, depth: int, heads: int, head_dim: int
                ) -> Tuple[np.ndarray, np.ndarray, int]:
     """(k, v, valid length) as the graph takes them, allocating as needed (calibration, tests): contiguous float32
-    [depth, 1, heads, P, head_dim]; a prefix shorter than MIN_PREFIX is zero-padded to MIN_PREFIX slots."""
+    [depth, 1, heads, P, head_dim]; a prefix shorter than MIN_PREFIX_SLOTS is zero-padded to MIN_PREFIX_SLOTS slots."""
     n = prefix_k.shape[3] if prefix_k.ndim == 5 else 0
-    if n >= MIN_PREFIX:
+    if n >= MIN_PREFIX_SLOTS:
         return np.ascontiguousarray(prefix_k, np.float32), np.ascontiguousarray(prefix_v, np.float32), n
-    shape = (depth, 1, heads, MIN_PREFIX, head_dim)
+    shape = (depth, 1, heads, MIN_PREFIX_SLOTS, head_dim)
     k, v = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
     if n:
         k[:, :, :, :n], v[:, :, :, :n] = prefix_k, prefix_v
@@ -69,11 +72,11 @@ class OnnxDitStep:
         n = prefix_k.shape[3]
         self._prefix_len[0] = n
         contiguous = all(a.dtype == np.float32 and a.flags.c_contiguous for a in (prefix_k, prefix_v))
-        if n >= MIN_PREFIX and contiguous:
+        if n >= MIN_PREFIX_SLOTS and contiguous:
             self._kv = (prefix_k, prefix_v)
             return
-        k, v = self._buffer(max(n, MIN_PREFIX))
-        if n < MIN_PREFIX:
+        k, v = self._buffer(max(n, MIN_PREFIX_SLOTS))
+        if n < MIN_PREFIX_SLOTS:
             k.fill(0.0)
             v.fill(0.0)
         np.copyto(k[:, :, :, :n], prefix_k)
@@ -87,14 +90,9 @@ class OnnxDitStep:
             self._graph_prefix(prefix_k, prefix_v)
             self._src = (prefix_k, prefix_v)
         self._t_int[0] = np.asarray(t_int).reshape(-1)[0]
-        velocity, k, v = self.session.run({
-            "x_t": np.ascontiguousarray(x_t, np.float32),
-            "t_int": self._t_int,
-            "tokens": np.ascontiguousarray(tokens, np.int64),
-            "positions": np.ascontiguousarray(positions, np.int64),
-            "prefix_k": self._kv[0], "prefix_v": self._kv[1],
-            "prefix_len": self._prefix_len,
-        })
+        velocity, k, v = self.session.run(dict(zip(_DIT_INPUTS, (
+            np.ascontiguousarray(x_t, np.float32), self._t_int, np.ascontiguousarray(tokens, np.int64),
+            np.ascontiguousarray(positions, np.int64), self._kv[0], self._kv[1], self._prefix_len))))
         return velocity, k, v
 
     def reset(self) -> None:
@@ -113,5 +111,5 @@ class OnnxVocoder:
     def __call__(self, mel: np.ndarray) -> np.ndarray:
         if mel.ndim != 2:
             raise ValueError(f"mel: expected [T, n_mels], got {list(mel.shape)}")
-        (wav,) = self.session.run({"mel": np.ascontiguousarray(mel.T[None], np.float32)})
+        (wav,) = self.session.run({_VOCODER_INPUT: np.ascontiguousarray(mel.T[None], np.float32)})
         return wav[0, 0]

@@ -44,6 +44,7 @@ import gguf
 import llama_cpp as llama
 
 from .llm_backend import StepLogits
+from .spec.gguf import ADAPTOR_TENSORS, CONTEXT_LENGTH_KEY, KIMIA_KEYS
 
 __all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
            "FeatureAdaptor",
@@ -51,14 +52,6 @@ __all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "GGUFModelInfo", "r
 
 log = logging.getLogger(__name__)
 
-# Metadata keys written by export/gguf_export.py (kept in sync by tests/test_gguf_backend.py).
-_K = {
-    "role": "kimia.role", "fork": "kimia.fork_layer", "main_layers": "kimia.main_layers",
-    "mimo_layers": "kimia.mimo_layers", "token_offset": "kimia.token_offset", "vocab_size": "kimia.vocab_size",
-    "hidden_size": "kimia.hidden_size", "adaptor_input_dim": "kimia.adaptor_input_dim",
-    "adaptor_eps": "kimia.adaptor_layer_norm_eps", "feature_scale": "kimia.continuous_feature_scale",
-    "use_whisper_feature": "kimia.use_whisper_feature", "context_length": "qwen2.context_length",
-}
 _GGML_TYPE_F32 = 0  # ggml_type enum value of F32 (ggml.h), used for the F32 KV cache of the exact mode
 
 
@@ -100,21 +93,21 @@ class GGUFModelInfo:
 
 def read_model_info(reader: gguf.GGUFReader, source: str) -> GGUFModelInfo:
     """Reads :class:`GGUFModelInfo` from a trunk GGUF (role must be "trunk")."""
-    role = _field(reader, _K["role"], source)
+    role = _field(reader, KIMIA_KEYS["role"], source)
     if role != "trunk":
         raise ValueError(f"{source}: expected a trunk GGUF (kimia.role='trunk'), got {role!r}")
     info = GGUFModelInfo(
-        hidden_size=int(_field(reader, _K["hidden_size"], source)),
-        vocab_size=int(_field(reader, _K["vocab_size"], source)),
-        fork_layer=int(_field(reader, _K["fork"], source)),
-        main_layers=int(_field(reader, _K["main_layers"], source)),
-        mimo_layers=int(_field(reader, _K["mimo_layers"], source)),
-        token_offset=int(_field(reader, _K["token_offset"], source)),
-        adaptor_input_dim=int(_field(reader, _K["adaptor_input_dim"], source)),
-        adaptor_eps=float(_field(reader, _K["adaptor_eps"], source)),
-        feature_scale=float(_field(reader, _K["feature_scale"], source)),
-        use_whisper_feature=bool(_field(reader, _K["use_whisper_feature"], source)),
-        context_length=int(_field(reader, _K["context_length"], source)),
+        hidden_size=int(_field(reader, KIMIA_KEYS["hidden_size"], source)),
+        vocab_size=int(_field(reader, KIMIA_KEYS["vocab_size"], source)),
+        fork_layer=int(_field(reader, KIMIA_KEYS["fork"], source)),
+        main_layers=int(_field(reader, KIMIA_KEYS["main_layers"], source)),
+        mimo_layers=int(_field(reader, KIMIA_KEYS["mimo_layers"], source)),
+        token_offset=int(_field(reader, KIMIA_KEYS["token_offset"], source)),
+        adaptor_input_dim=int(_field(reader, KIMIA_KEYS["adaptor_input_dim"], source)),
+        adaptor_eps=float(_field(reader, KIMIA_KEYS["adaptor_eps"], source)),
+        feature_scale=float(_field(reader, KIMIA_KEYS["feature_scale"], source)),
+        use_whisper_feature=bool(_field(reader, KIMIA_KEYS["use_whisper_feature"], source)),
+        context_length=int(_field(reader, CONTEXT_LENGTH_KEY, source)),
     )
     info.validate()
     return info
@@ -161,15 +154,11 @@ class FeatureAdaptor:
     def __init__(self, path: Path, eps: float) -> None:
         reader = gguf.GGUFReader(str(path))
         src = str(path)
-        role = _field(reader, _K["role"], src)
+        role = _field(reader, KIMIA_KEYS["role"], src)
         if role != "adaptor":
             raise ValueError(f"{src}: expected an adaptor GGUF (kimia.role='adaptor'), got {role!r}")
-        self.w1 = _as_f32(_tensor(reader, "adaptor.fc1.weight", src))
-        self.b1 = _as_f32(_tensor(reader, "adaptor.fc1.bias", src))
-        self.w2 = _as_f32(_tensor(reader, "adaptor.fc2.weight", src))
-        self.b2 = _as_f32(_tensor(reader, "adaptor.fc2.bias", src))
-        self.gamma = _as_f32(_tensor(reader, "adaptor.norm.weight", src))
-        self.beta = _as_f32(_tensor(reader, "adaptor.norm.bias", src))
+        self.w1, self.b1, self.w2, self.b2, self.gamma, self.beta = (
+            _as_f32(_tensor(reader, name, src)) for name in ADAPTOR_TENSORS)
         self.eps = np.float32(eps)
         self.input_dim = self.w1.shape[1]
 

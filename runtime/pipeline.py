@@ -1,32 +1,41 @@
 """The torch-free pipeline users run: speech in, text and speech out, from a bundle.
 
-    pipe = Pipeline.from_bundle("bundle/")
-    for event in pipe.turn(samples, sample_rate_hz, task="chat"):
+    pipe = Pipeline.from_bundle("bundle/", PipelineOptions(llm_precision="Q4_K_M"))
+    chat = pipe.conversation()
+    for event in chat.turn(samples, sample_rate_hz, task="chat"):
         ...                       # TextEvent(text) while the LLM runs, AudioEvent(samples) as speech is ready
-    print(pipe.last_metrics.table())
+    print(chat.last.metrics.table())
 
-The components (audio tokenizer, LLM backend, detokenizer networks) are injected, so the same class runs the
-ONNX / llama.cpp artifacts of a bundle or, in parity tests, the PyTorch reference.
+A ``Pipeline`` holds the loaded networks and is shared; a ``Conversation`` holds one conversation's history and its
+last result, so one loaded pipeline serves several conversations (one turn at a time: the LLM backend has one KV
+state). The components (audio tokenizer, LLM backend, detokenizer networks) are injected, so the same classes run
+the ONNX / llama.cpp artifacts of a bundle or, in parity tests, the PyTorch reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
-from kimia_edge.runtime.dit_config import DitConfig, StreamingConfig
 from kimia_edge.runtime.frontend import check_audible, to_16k_mono
 from kimia_edge.runtime.generation import GenerationConfig
 from kimia_edge.runtime.llm_backend import LLMBackend
-from kimia_edge.runtime.manifest import Artifact, BundleError, Manifest, load_bundle
 from kimia_edge.runtime.metrics import RunMetrics
 from kimia_edge.runtime.prompt import AudioEncoding, build_prompt
+from kimia_edge.runtime.sessions import DEVICES
 from kimia_edge.runtime.special_tokens import SpecialTokens
+from kimia_edge.runtime.spec.graphs import (GRAPHS, LLM_ADAPTOR, LLM_AUDIO, LLM_TRUNK, RUNTIME_GRAPHS,
+                                            TEXT_ONLY_SKIPPED_GRAPHS, TEXT_TOKENIZER, VQ_CODEBOOK)
+from kimia_edge.runtime.spec.manifest import Artifact, BundleError, Manifest
+from kimia_edge.runtime.spec.precisions import DEFAULT_PRECISION_SPEC, LLM_PREFERENCE, parse_precision_spec
+from kimia_edge.runtime.spec.streaming import StreamingConfig, check_schedule_fits
 from kimia_edge.runtime.streaming import AudioEvent, Event, StreamingTurn, TextEvent
 from kimia_edge.runtime.tasks import TASK_TABLE, generation_config, task_messages
 from kimia_edge.runtime.text_tokenizer import TextTokenizer
@@ -34,6 +43,52 @@ from kimia_edge.runtime.text_tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 INPUT_SAMPLE_RATE_HZ = 16_000  # both audio encoders take 16 kHz (reference §1)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How to open a bundle; the same object for every CLI verb and the Python API.
+
+    ``precision``: ONNX variant for every graph or per graph (``"fp32,dit_step=int8_dynamic"``); None = the
+    registry's default for the device. A graph without the variant falls back to fp32, logged.
+    ``llm_precision``: GGUF variant (default: the smallest one the bundle has). ``device``: auto | cpu | cuda |
+    tensorrt. ``threads``: per ONNX session and for llama.cpp (None: their defaults). ``n_gpu_layers``: LLM layers on
+    the GPU (untested on GPU). ``streaming``: overrides of the bundle's streaming schedule, e.g.
+    ``{"first_chunk_tokens": 10}``. ``text_only``: open neither the DiT, the vocoder nor the LLM's audio branch (asr,
+    qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``).
+    """
+
+    precision: Optional[str] = None
+    llm_precision: Optional[str] = None
+    device: str = "auto"
+    threads: Optional[int] = None
+    n_gpu_layers: int = 0
+    streaming: Mapping[str, Any] = field(default_factory=dict)
+    text_only: bool = False
+    cache_dir: Optional[Path] = None
+
+    def validate(self) -> None:
+        """Raises ValueError naming the option that is wrong."""
+        if self.device not in DEVICES:
+            raise ValueError(f"device: expected one of {DEVICES}, got {self.device!r}")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            raise ValueError(f"threads: expected 1..1024, got {self.threads}")
+        if self.n_gpu_layers < 0:
+            raise ValueError(f"n_gpu_layers: expected >= 0, got {self.n_gpu_layers}")
+        parse_precision_spec(self.precision_spec)
+        unknown = sorted(set(self.streaming) - {f.name for f in dataclasses.fields(StreamingConfig)})
+        if unknown:
+            raise ValueError(f"streaming: unknown field(s) {unknown}")
+
+    @property
+    def precision_spec(self) -> str:
+        return self.precision or DEFAULT_PRECISION_SPEC["gpu" if self.device in ("cuda", "tensorrt") else "cpu"]
+
+    def streaming_config(self, bundle_default: StreamingConfig) -> StreamingConfig:
+        """The bundle's schedule with this object's overrides, validated."""
+        cfg = dataclasses.replace(bundle_default, **dict(self.streaming))
+        cfg.validate()
+        return cfg
 
 
 @dataclass
@@ -50,10 +105,6 @@ class Components:
     providers: Dict[str, str] = field(default_factory=dict)
 
 
-VQ_PRECISIONS = ("fp32", "fp16")  # a flipped semantic id changes the LLM's input
-DEFAULT_LLM_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "F32")  # smallest listed first
-
-
 def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
     try:
         return manifest.artifact(name, precision)
@@ -62,88 +113,102 @@ def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
         return manifest.artifact(name, "fp32")
 
 
-ONNX_GRAPHS = ("whisper_encoder", "vq_encoder", "dit_step", "vocoder")
-ONNX_PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
+def choose_artifacts(manifest: Manifest, options: PipelineOptions) -> Dict[str, Artifact]:
+    """The artifacts ``options`` open, by role (graph names, ``vq_codebook``, ``text_tokenizer``, ``llm_*``)."""
+    chosen = parse_precision_spec(options.precision_spec, RUNTIME_GRAPHS)
+    for graph, precision in chosen.items():
+        allowed = GRAPHS[graph].precisions
+        if allowed is not None and precision not in allowed:
+            log.info("%s: %s is not used (allowed: %s), using fp32", graph, precision, allowed)
+            chosen[graph] = "fp32"
+    if options.text_only:
+        for graph in TEXT_ONLY_SKIPPED_GRAPHS:
+            del chosen[graph]
+    out = {name: _pick(manifest, name, p) for name, p in chosen.items()}
+    have = [a.precision for a in manifest.artifacts if a.name == LLM_TRUNK]
+    llm_precision = options.llm_precision or next((p for p in LLM_PREFERENCE if p in have), None)
+    if llm_precision not in have:
+        raise BundleError(f"bundle has no LLM at {llm_precision!r}; it has {sorted(have)}")
+    out[LLM_TRUNK] = manifest.artifact(LLM_TRUNK, llm_precision)
+    if not options.text_only:
+        out[LLM_AUDIO] = manifest.artifact(LLM_AUDIO, llm_precision)
+    if any(a.name == LLM_ADAPTOR for a in manifest.artifacts):
+        out[LLM_ADAPTOR] = manifest.artifact(LLM_ADAPTOR)
+    out[VQ_CODEBOOK] = manifest.artifact(VQ_CODEBOOK)
+    out[TEXT_TOKENIZER] = manifest.artifact(TEXT_TOKENIZER)
+    return out
 
 
-def parse_precisions(spec: str) -> Dict[str, str]:
-    """``"int8_dynamic"`` (every graph) or ``"fp32,dit_step=int8_dynamic"`` (a default, then per-graph choices)
-    -> {graph: precision} for every ONNX graph."""
-    chosen: Dict[str, str] = {}
-    default = "fp32"
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        graph, _, precision = item.rpartition("=")
-        if precision not in ONNX_PRECISIONS:
-            raise ValueError(f"precision {precision!r}: expected one of {ONNX_PRECISIONS}")
-        if graph and graph not in ONNX_GRAPHS:
-            raise ValueError(f"precision for {graph!r}: no such graph; graphs are {ONNX_GRAPHS}")
-        if graph:
-            chosen[graph] = precision
-        else:
-            default = precision
-    return {graph: chosen.get(graph, default) for graph in ONNX_GRAPHS}
+def check_bundle_agrees(manifest: Manifest, artifacts: Mapping[str, Artifact], streaming: StreamingConfig,
+                        llm_token_offset: int, llm_vocab_size: int) -> None:
+    """What two artifacts both state must agree; BundleError names both values.
+
+    - the token offset of the manifest and of the LLM GGUF;
+    - the streaming schedule and the frames the DiT step and vocoder graphs were profiled for;
+    - every special id inside the LLM's vocabulary."""
+    model = manifest.model
+    if model.token_offset != llm_token_offset:
+        raise BundleError(f"token offset: the manifest says {model.token_offset}, the LLM GGUF "
+                          f"{artifacts[LLM_TRUNK].path} says {llm_token_offset}")
+    if "dit_step" in artifacts and "vocoder" in artifacts:
+        dit, voc = artifacts["dit_step"].profiles.get("x_t"), artifacts["vocoder"].profiles.get("mel")
+        if dit is not None and voc is not None:
+            try:
+                check_schedule_fits(streaming, dit.max[1], voc.max[2])
+            except ValueError as e:
+                raise BundleError(str(e)) from None
+    outside = {name: i for name, i in dataclasses.asdict(model.special_tokens).items() if not 0 <= i < llm_vocab_size}
+    if outside:
+        raise BundleError(f"special ids {outside} lie outside the LLM's vocabulary of {llm_vocab_size} "
+                          f"({artifacts[LLM_TRUNK].path})")
 
 
-def components_from_bundle(bundle: Path, *, precision: str = "fp32", llm_precision: Optional[str] = None,
-                           device: str = "auto", threads: Optional[int] = None, n_gpu_layers: int = 0,
-                           streaming: Optional[StreamingConfig] = None, cache_dir: Optional[Path] = None,
-                           text_only: bool = False) -> Components:
-    """Opens the artifacts of a verified bundle.
-
-    ``precision``: ONNX variant (fp32 | fp16 | int8_dynamic | int8_qdq) for every graph, or per graph as
-    :func:`parse_precisions` reads it (on CPU: ``"fp32,dit_step=int8_dynamic"``); a graph without the variant falls
-    back to fp32, logged. ``llm_precision``: GGUF variant (default: the smallest one the bundle has).
-    ``text_only``: for the text tasks (asr, qa) — the LLM's audio branch, the DiT and the vocoder are not opened
-    (at full size ~7 GB of fp32 graphs and a fifth of the LLM not in memory)."""
+def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOptions()) -> Components:
+    """Opens the artifacts of a bundle that ``options`` choose, after checking only those (see runtime/bundle.py)."""
     from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
+    from kimia_edge.runtime.bundle import check_artifacts, read_manifest
     from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
     from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
     from kimia_edge.runtime.sessions import open_session
 
+    options.validate()
     bundle = Path(bundle)
-    manifest = load_bundle(bundle)
+    manifest = read_manifest(bundle)
     model = manifest.model
-    # int8 flipped 2-62 of 177 ids on real speech (tests/test_encoder_graphs.py): the VQ encoder stays at fp32/fp16
-    chosen = parse_precisions(precision)
-    if chosen["vq_encoder"] not in VQ_PRECISIONS:
-        log.info("vq_encoder: %s is not used (it flips semantic ids), using fp32", chosen["vq_encoder"])
-        chosen["vq_encoder"] = "fp32"
-    if text_only:
-        del chosen["dit_step"], chosen["vocoder"]
-    sessions = {name: open_session(bundle, _pick(manifest, name, p), device=device, threads=threads, cache_dir=cache_dir)
-                for name, p in chosen.items()}
-    codebook = np.load(bundle / manifest.artifact("vq_codebook").path)
+    artifacts = choose_artifacts(manifest, options)
+    streaming = options.streaming_config(model.streaming)
+    problems = check_artifacts(bundle, artifacts.values(), cache_dir=options.cache_dir)
+    if problems:
+        raise BundleError(f"bundle {bundle} failed verification:\n  " + "\n  ".join(problems))
+
+    sessions = {name: open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
+                                   cache_dir=options.cache_dir)
+                for name in RUNTIME_GRAPHS if name in artifacts}
+    codebook = np.load(bundle / artifacts[VQ_CODEBOOK].path, allow_pickle=False)
     tokenizer = OnnxAudioTokenizer(sessions["vq_encoder"], sessions["whisper_encoder"], codebook,
-                                   model["vq_encoder"], model["whisper_encoder"])
+                                   model.vq_encoder, model.whisper_encoder)
+    adaptor = artifacts.get(LLM_ADAPTOR)
+    backend = LlamaCppBackend(bundle / artifacts[LLM_TRUNK].path,
+                              bundle / artifacts[LLM_AUDIO].path if LLM_AUDIO in artifacts else None,
+                              bundle / adaptor.path if adaptor else None,
+                              n_threads=options.threads, n_gpu_layers=options.n_gpu_layers, text_only=options.text_only)
+    check_bundle_agrees(manifest, artifacts, streaming, backend.info.token_offset, backend.info.vocab_size)
 
-    have = {a.precision for a in manifest.artifacts if a.name == "llm_trunk"}
-    if llm_precision is None:
-        llm_precision = next((p for p in DEFAULT_LLM_PREFERENCE if p in have), None)
-    if llm_precision not in have:
-        raise BundleError(f"bundle has no LLM at {llm_precision!r}; it has {sorted(have)}")
-    adaptor = [a for a in manifest.artifacts if a.name == "llm_adaptor"]
-    backend = LlamaCppBackend(bundle / manifest.artifact("llm_trunk", llm_precision).path,
-                              None if text_only else bundle / manifest.artifact("llm_audio", llm_precision).path,
-                              bundle / adaptor[0].path if adaptor else None,
-                              n_threads=threads, n_gpu_layers=n_gpu_layers, text_only=text_only)
-
-    dit = DitConfig(**model["dit"])
-    dit.validate()
-    streaming = streaming or StreamingConfig.from_dict(model["streaming"])
     make_detokenizer = _no_speech_output
-    if not text_only:
+    if not options.text_only:
+        dit = model.dit
         dit_step = OnnxDitStep(sessions["dit_step"], dit.depth, dit.num_heads, dit.head_dim)
         vocoder = OnnxVocoder(sessions["vocoder"])
-        make_detokenizer = lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise)
-    text_dir = bundle / manifest.artifact("text_tokenizer").path.split("/")[0]
-    providers = {name: f"{s.provider} ({_pick(manifest, name, chosen[name]).precision})" for name, s in sessions.items()}
-    providers["llm"] = f"llama.cpp {llm_precision}" + (f", {n_gpu_layers} layers on GPU" if n_gpu_layers else " (CPU)")
+        make_detokenizer = lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise)  # noqa: E731
+    text_dir = bundle / Path(artifacts[TEXT_TOKENIZER].path).parent
+    providers = {name: f"{s.provider} ({artifacts[name].precision})" for name, s in sessions.items()}
+    llm_precision = artifacts[LLM_TRUNK].precision
+    providers["llm"] = f"llama.cpp {llm_precision}" + (
+        f", {options.n_gpu_layers} layers on GPU" if options.n_gpu_layers else " (CPU)")
     return Components(
-        encode_audio=tokenizer.encode, backend=backend,
-        make_detokenizer=make_detokenizer,
-        tokens=SpecialTokens.from_snapshot(text_dir), text_tokenizer=TextTokenizer.from_snapshot(text_dir),
-        token_offset=int(model["llm"]["kimia_token_offset"]),
-        output_sample_rate_hz=int(model["vocoder"]["sampling_rate"]), providers=providers,
+        encode_audio=tokenizer.encode, backend=backend, make_detokenizer=make_detokenizer,
+        tokens=model.special_tokens, text_tokenizer=TextTokenizer.from_snapshot(text_dir),
+        token_offset=model.token_offset, output_sample_rate_hz=model.output_sample_rate_hz, providers=providers,
     )
 
 
@@ -153,68 +218,91 @@ def _no_speech_output(noise: NoiseSource) -> StreamingDetokenizer:
 
 
 class Pipeline:
+    """The loaded networks of one bundle (or of the reference), shared by every conversation."""
+
     @classmethod
-    def from_bundle(cls, bundle: Path, **options: Any) -> "Pipeline":
-        """A pipeline over a bundle's artifacts; ``options`` as :func:`components_from_bundle`."""
-        return cls(components_from_bundle(bundle, **options))
+    def from_bundle(cls, bundle: Path, options: Optional[PipelineOptions] = None) -> "Pipeline":
+        """A pipeline over a bundle's artifacts, opened as ``options`` say (defaults: ``PipelineOptions()``)."""
+        return cls(components_from_bundle(bundle, options or PipelineOptions()))
 
     def __init__(self, components: Components) -> None:
         self.c = components
-        self.history: List[Dict[str, Any]] = []
-        self.last_metrics: Optional[RunMetrics] = None
-        self.last_text: str = ""
+        self._turn_lock = threading.Lock()  # one turn at a time: the LLM backend holds one KV state
 
-    def turn(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", *,
-             config: Optional[GenerationConfig] = None, seed: Optional[int] = None,
-             keep_history: bool = False) -> Iterator[Event]:
-        """Streams one turn on the user clip ``samples`` [S] or [S, C] at ``sample_rate_hz`` (resampled to 16 kHz,
-        mixed to mono). With ``keep_history`` the clip and the text answer join the history of later turns."""
-        if task not in TASK_TABLE:
-            raise ValueError(f"task must be one of {tuple(TASK_TABLE)}, got {task!r}")
-        start = time.perf_counter()
-        check_audible(samples)
-        clip = to_16k_mono(np.asarray(samples, dtype=np.float32), sample_rate_hz)
-        config = config or generation_config(task, seed)
-        noise = np.random.default_rng(None if seed is None else seed + 1)
-        detokenizer = self.c.make_detokenizer(noise) if config.output_type == "both" else None  # before any work
-        encoded: Dict[int, AudioEncoding] = {}
-
-        def tokenize_audio(content: Any) -> AudioEncoding:
-            if id(content) not in encoded:
-                encoded[id(content)] = self.c.encode_audio(np.asarray(content, dtype=np.float32))
-            return encoded[id(content)]
-
-        prompt = build_prompt(task_messages(task, clip, self.history), config.output_type, self.c.tokens,
-                              self.c.token_offset, self.c.text_tokenizer.encode, tokenize_audio)
-        encode_s = time.perf_counter() - start
-        streaming = StreamingTurn(self.c.backend, prompt, self.c.tokens, self.c.token_offset, config,
-                                  self.c.text_tokenizer.decode_bytes, detokenizer)
-        text: List[str] = []
-        for event in streaming:
-            if isinstance(event, TextEvent):
-                text.append(event.text)
-            yield event
-        self.last_text = "".join(text)
-        self.last_metrics = RunMetrics.of(streaming.stats, len(clip) / INPUT_SAMPLE_RATE_HZ, encode_s,
-                                          self.c.output_sample_rate_hz, self.c.providers)
-        if keep_history:
-            self.history += [{"role": "user", "message_type": "audio", "content": clip},
-                             {"role": "assistant", "message_type": "text", "content": self.last_text}]
+    def conversation(self, keep_history: bool = True) -> "Conversation":
+        """A new conversation over this pipeline (``keep_history``: earlier turns are part of later prompts)."""
+        return Conversation(self, keep_history)
 
     def run(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", **kwargs: Any) -> "TurnResult":
-        """The whole turn at once: text and the concatenated speech."""
-        audio = [e.samples for e in self.turn(samples, sample_rate_hz, task, **kwargs) if isinstance(e, AudioEvent)]
-        wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
-        return TurnResult(self.last_text, wav, self.c.output_sample_rate_hz, self.last_metrics)
-
-    def reset(self) -> None:
-        """Forgets the conversation history."""
-        self.history = []
+        """One turn with no history: text and the concatenated speech."""
+        return self.conversation(keep_history=False).run(samples, sample_rate_hz, task, **kwargs)
 
 
 @dataclass
 class TurnResult:
+    """text: the decoded answer / transcript; wav: [S] float32 at ``sample_rate_hz`` (empty for text tasks)."""
+
     text: str
     wav: np.ndarray
     sample_rate_hz: int
     metrics: Optional[RunMetrics]
+
+
+class Conversation:
+    """One conversation over a shared pipeline: its history, and its last turn's text and metrics (``last``)."""
+
+    def __init__(self, pipeline: Pipeline, keep_history: bool = True) -> None:
+        self.pipeline, self.keep_history = pipeline, keep_history
+        self.history: List[Dict[str, Any]] = []
+        self.last: Optional[TurnResult] = None
+
+    def turn(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", *,
+             config: Optional[GenerationConfig] = None, seed: Optional[int] = None) -> Iterator[Event]:
+        """Streams one turn on the user clip ``samples`` [S] or [S, C] at ``sample_rate_hz`` (resampled to 16 kHz,
+        mixed to mono). With ``keep_history`` the clip and the text answer join the history of later turns; ``last``
+        holds the text and metrics once the iteration ends (its ``wav`` stays empty: the speech was streamed)."""
+        if task not in TASK_TABLE:
+            raise ValueError(f"task must be one of {tuple(TASK_TABLE)}, got {task!r}")
+        c = self.pipeline.c
+        check_audible(samples)
+        clip = to_16k_mono(np.asarray(samples, dtype=np.float32), sample_rate_hz)
+        config = config or generation_config(task, seed)
+        with self.pipeline._turn_lock:
+            start = time.perf_counter()
+            noise = np.random.default_rng(None if seed is None else seed + 1)
+            detokenizer = c.make_detokenizer(noise) if config.output_type == "both" else None  # before any work
+            encoded: Dict[int, AudioEncoding] = {}
+
+            def tokenize_audio(content: Any) -> AudioEncoding:
+                if id(content) not in encoded:
+                    encoded[id(content)] = c.encode_audio(np.asarray(content, dtype=np.float32))
+                return encoded[id(content)]
+
+            prompt = build_prompt(task_messages(task, clip, self.history), config.output_type, c.tokens,
+                                  c.token_offset, c.text_tokenizer.encode, tokenize_audio)
+            encode_s = time.perf_counter() - start
+            streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
+                                      c.text_tokenizer.decode_bytes, detokenizer)
+            text: List[str] = []
+            for event in streaming:
+                if isinstance(event, TextEvent):
+                    text.append(event.text)
+                yield event
+        answer = "".join(text)
+        metrics = RunMetrics.of(streaming.stats, len(clip) / INPUT_SAMPLE_RATE_HZ, encode_s, c.output_sample_rate_hz,
+                                c.providers)
+        self.last = TurnResult(answer, np.zeros(0, np.float32), c.output_sample_rate_hz, metrics)
+        if self.keep_history:
+            self.history += [{"role": "user", "message_type": "audio", "content": clip},
+                             {"role": "assistant", "message_type": "text", "content": answer}]
+
+    def run(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", **kwargs: Any) -> TurnResult:
+        """The whole turn at once: text and the concatenated speech."""
+        audio = [e.samples for e in self.turn(samples, sample_rate_hz, task, **kwargs) if isinstance(e, AudioEvent)]
+        assert self.last is not None
+        self.last.wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+        return self.last
+
+    def reset(self) -> None:
+        """Forgets the history."""
+        self.history, self.last = [], None

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from kimia_edge.runtime.manifest import Artifact, ShapeProfile
+from kimia_edge.runtime.spec.manifest import Artifact, ShapeProfile
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import pytest
 
 from kimia_edge.cli import main
 from kimia_edge.export.bundle import BundleWriter
-from kimia_edge.runtime.manifest import BundleError, ShapeProfile, load_bundle, verify_bundle
+from kimia_edge.runtime.spec.manifest import BundleError, ShapeProfile, load_bundle, verify_bundle
 
 
 def _write(out: Path) -> None:

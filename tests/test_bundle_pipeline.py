@@ -12,7 +12,7 @@ from kimia_edge.cli import main
 from kimia_edge.export.reference.pipeline import GoldenPipeline
 from kimia_edge.export.snapshot.make import make_snapshot
 from kimia_edge.runtime.frontend import load_audio
-from kimia_edge.runtime.manifest import BundleError
+from kimia_edge.runtime.spec.manifest import BundleError
 from kimia_edge.runtime.pipeline import Pipeline
 from kimia_edge.runtime.streaming import AudioEvent, TextEvent
 from kimia_edge.runtime.tasks import generation_config

@@ -16,7 +16,7 @@ from kimia_edge.export.graphs.dit_step import MIN_PREFIX, DitStepGraph
 from kimia_edge.export.graphs.vocoder import VocoderGraph
 from kimia_edge.export.reference.dit import TorchDitStep
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
-from kimia_edge.runtime.dit_config import StreamingConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
 from kimia_edge.runtime.sessions import open_file_session
 

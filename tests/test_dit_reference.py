@@ -17,7 +17,8 @@ from kimia_edge.export.checkpoint import CheckpointError, load_strict
 from kimia_edge.export.reference.dit import DiT, TorchDitStep, apply_rope, build_dit, rope_tables
 from kimia_edge.export.snapshot import detokenizer as snap
 from kimia_edge.export.snapshot.detokenizer import dit_config_for_size, read_detokenizer, write_detokenizer
-from kimia_edge.runtime.dit_config import DitConfig, StreamingConfig
+from kimia_edge.runtime.dit_config import DitConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 
 # MANIFEST.md §10 "suggested parity thresholds for an fp32 re-implementation": 1e-4 abs on DiT hidden states/mels.
 # (The official code itself differs from a float64 run by <= 8.9e-7 on these outputs.)

@@ -18,19 +18,19 @@ from kimia_edge.export.exporter import model_config
 from kimia_edge.export.graphs import graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, ExportResult, GraphSpec, compare, export_graph
 from kimia_edge.export.graphs.base import run_onnx, run_torch
-from kimia_edge.export.precision import make_variant
+from kimia_edge.quantization.variants import make_variant
 from kimia_edge.export.reference.glm_vq import extract_speech_token, vector_quantize
 from kimia_edge.export.reference.pipeline import GoldenPipeline
 from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR, make_snapshot
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_tokenizer import (
-    CODEBOOK_ARTIFACT,
     OnnxAudioTokenizer,
     kept_positions,
     nearest_codebook_rows,
     vq_segment_inputs,
 )
 from kimia_edge.runtime.sessions import open_file_session
+from kimia_edge.runtime.spec.graphs import VQ_CODEBOOK
 
 torch.set_num_threads(1)
 
@@ -71,7 +71,7 @@ def _tokenizer(graphs: Dict[str, Exported], vq_path: Optional[Path] = None) -> O
     return OnnxAudioTokenizer(
         vq=open_file_session(vq_path or vq.path, threads=1),
         whisper=open_file_session(graphs["whisper_encoder"].path, threads=1),
-        codebook=vq.spec.sidecar_arrays(vq.module)[CODEBOOK_ARTIFACT],
+        codebook=vq.spec.sidecar_arrays(vq.module)[VQ_CODEBOOK],
         vq_config=vq.module.cfg,
         whisper_config=graphs["whisper_encoder"].module.cfg,
         adaptor=open_file_session(adaptor.path, threads=1) if adaptor else None,

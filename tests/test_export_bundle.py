@@ -9,7 +9,7 @@ import pytest
 
 from kimia_edge.cli import main
 from kimia_edge.export.snapshot.make import make_snapshot
-from kimia_edge.runtime.manifest import BundleError, load_bundle
+from kimia_edge.runtime.spec.manifest import BundleError, load_bundle
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,8 @@ def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, s
 
     from kimia_edge.export.graphs import base, graph_spec
     from kimia_edge.export.graphs.base import compare, run_onnx, run_torch
-    from kimia_edge.export.precision import graph_files, make_variant
+    from kimia_edge.export.fileio import graph_files
+    from kimia_edge.quantization.variants import make_variant
 
     monkeypatch.setattr(base, "EXTERNAL_DATA_ABOVE_BYTES", 0)
     spec = graph_spec("vocoder")

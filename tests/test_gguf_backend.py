@@ -129,11 +129,6 @@ def test_export_metadata(tiny):
     assert audio.fields[KIMIA_KEYS["role"]].contents() == "audio"
 
 
-def test_runtime_metadata_keys_match_export():
-    for key in ("role", "fork", "token_offset", "feature_scale", "adaptor_eps", "adaptor_input_dim"):
-        assert llm_llamacpp._K[key] == KIMIA_KEYS[key]
-
-
 def test_llamacpp_refuses_a_trunk_with_extra_tensors(tmp_path, tiny):
     """Why the adaptor lives in its own file: llama.cpp rejects unknown tensors in a qwen2 file."""
     _, res, _ = tiny

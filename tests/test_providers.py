@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 from kimia_edge.export.bundle import BundleWriter
 from kimia_edge.export.tensorrt import EngineBuildConfig, GpuIdentity, build_engine, engine_cache_key
-from kimia_edge.runtime.manifest import ShapeProfile, load_bundle
+from kimia_edge.runtime.spec.manifest import ShapeProfile, load_bundle
 from kimia_edge.runtime.sessions import (
     CPU_EP, CUDA_EP, TRT_ENGINE, TRT_EP, ProviderUnavailable, open_session, ort_provider_options, plan_providers,
     trt_shape_string,

@@ -17,7 +17,7 @@ from kimia_edge.runtime.detokenizer import (
     euler_time_grid,
     hamming_window_periodic,
 )
-from kimia_edge.runtime.dit_config import StreamingConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 
 # MANIFEST.md §10 "suggested parity thresholds for an fp32 re-implementation": 1e-4 abs on mels, 5e-5 on waves.
 MEL_ATOL = 1e-4

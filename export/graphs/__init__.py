@@ -1,24 +1,23 @@
-"""The exported graphs, one GraphSpec class per file, registered by name (imported lazily: each pulls in its
-reference module)."""
+"""The exported graphs, one GraphSpec class per file, the file named after the graph (imported lazily: each pulls
+in its reference module). Which graphs exist, in which order, with which tensors, is the contract's
+(``kimia_edge.runtime.spec.graphs``)."""
 from __future__ import annotations
 
 import importlib
-from typing import Dict
+import inspect
 
 from kimia_edge.export.graphs.base import GraphSpec
+from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
 
-# name -> "module:class"; the order is the export order (encoders first, as the pipeline runs).
-REGISTRY: Dict[str, str] = {
-    "whisper_encoder": "kimia_edge.export.graphs.whisper_encoder:WhisperEncoderGraph",
-    "vq_encoder": "kimia_edge.export.graphs.vq_encoder:VQEncoderGraph",
-    "adaptor": "kimia_edge.export.graphs.adaptor:AdaptorGraph",
-    "dit_step": "kimia_edge.export.graphs.dit_step:DitStepGraph",
-    "vocoder": "kimia_edge.export.graphs.vocoder:VocoderGraph",
-}
+REGISTRY = ONNX_GRAPHS  # the export order: encoders first, as the pipeline runs
 
 
 def graph_spec(name: str) -> GraphSpec:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown graph {name!r}; known: {list(REGISTRY)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    """The GraphSpec of graph ``name`` (the class in ``export/graphs/<name>.py`` whose ``name`` it is)."""
+    if name not in ONNX_GRAPHS:
+        raise ValueError(f"unknown graph {name!r}; known: {list(ONNX_GRAPHS)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    for _, cls in inspect.getmembers(module, inspect.isclass):
+        if issubclass(cls, GraphSpec) and getattr(cls, "name", None) == name:
+            return cls()
+    raise LookupError(f"{module.__file__} defines no GraphSpec named {name!r}")

@@ -19,7 +19,7 @@ from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphS
 from kimia_edge.export.graphs.whisper_encoder import speech_crops
 from kimia_edge.export.reference.llm import VQAdaptor
 from kimia_edge.export.snapshot.llm import read_llm
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 
 ADAPTOR_PREFIX = "model.vq_adaptor."  # HFM module path of the adaptor (reference §2.4)
 # Feature rows per call: profile up to 120 s of audio at 12.5 Hz (the generation buffers' 1500 positions,
@@ -43,9 +43,6 @@ def load_adaptor(snapshot: Path) -> VQAdaptor:
 
 class AdaptorGraph(GraphSpec):
     name = "adaptor"
-    component = "adaptor"
-    input_names = ("features",)
-    output_names = ("embeds",)
     dynamic_axes = {"features": {0: "rows"}, "embeds": {0: "rows"}}
     parity_lengths = (52, 388, 1)
     fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-5)

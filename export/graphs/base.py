@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from kimia_edge.export.precision import graph_files
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.export.fileio import graph_files
+from kimia_edge.runtime.spec.graphs import GRAPHS, GraphContract
+from kimia_edge.runtime.spec.manifest import ShapeProfile
+from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS
 
 if TYPE_CHECKING:
     from kimia_edge.export.reference.pipeline import GoldenPipeline
@@ -72,24 +74,35 @@ class ErrorStats:
 class GraphSpec(ABC):
     """Subclasses set the class attributes and implement ``build`` and ``example_inputs``."""
 
-    name: str
-    component: str
-    input_names: Tuple[str, ...]
-    output_names: Tuple[str, ...]
+    name: str  # a key of the graph registry (kimia_edge.runtime.spec.graphs), which names its component and tensors
     # dynamic axes by input/output name: {axis index: symbolic name}; everything else is static
     dynamic_axes: Dict[str, Dict[int, str]] = {}
     # lengths (along the main dynamic axis) used for export and parity; the first one is the export example
     parity_lengths: Tuple[int, ...] = ()
     # fp32 ONNX vs the torch module; precision variants have their own, looser, measured-and-reported error
     fp32_tolerance: ErrorStats = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
-    # Largest relative L2 error a precision variant may show on held-out inputs (and speech-derived ones) for the
-    # bundle to list it. Set for random weights, a worst case (no trained outlier structure): they catch a broken
-    # variant (wrong scales, a saturating kernel: rel L2 near 1), they do not grade a good one; the measured
-    # error of every listed variant is in the manifest. Highest seen on tiny / small snapshots: fp16 9.4e-3,
-    # int8 dynamic 2.7e-2, int8 QDQ 6.4e-2 (docs/benchmarks.md).
-    variant_rel_l2: Dict[str, float] = {"fp16": 3e-2, "int8_dynamic": 0.15, "int8_qdq": 0.2}
-    # int8_dynamic weight format (export/precision.py): int8 per channel for MatMul graphs, uint8 for conv graphs
+    # Largest relative L2 error a precision variant may show for the bundle to list it (the registry's tolerance;
+    # a graph may override an entry).
+    variant_rel_l2: Dict[str, float] = {p.name: p.tolerance_rel_l2 for p in ONNX_PRECISIONS.values()
+                                        if p.tolerance_rel_l2 is not None}
+    # int8_dynamic weight format (quantization/variants.py): int8 per channel for MatMul graphs, uint8 for conv graphs
     int8_dynamic_signed_weights: bool = True
+
+    @property
+    def contract(self) -> GraphContract:
+        return GRAPHS[self.name]
+
+    @property
+    def component(self) -> str:
+        return self.contract.component
+
+    @property
+    def input_names(self) -> Tuple[str, ...]:
+        return self.contract.inputs
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return self.contract.outputs
 
     @abstractmethod
     def build(self, snapshot: Path) -> torch.nn.Module:

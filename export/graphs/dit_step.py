@@ -33,13 +33,11 @@ from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphS
 from kimia_edge.export.reference.dit import DiT, build_dit
 from kimia_edge.export.snapshot.detokenizer import read_detokenizer
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
-from kimia_edge.runtime.dit_config import TIMESTEP_SCALE, StreamingConfig
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.dit_config import TIMESTEP_SCALE
+from kimia_edge.runtime.spec.streaming import MIN_PREFIX_SLOTS as MIN_PREFIX
+from kimia_edge.runtime.spec.streaming import StreamingConfig, frames_profile
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 
-MIN_PREFIX = 2  # torch.export specialises sizes 0 and 1; two masked slots stand for "no prefix"
-MIN_FRAMES = 4
-# Largest chunk in frames: official 30 tokens x 4 + 48 look-ahead frames = 168; room for chunk growth.
-MAX_FRAMES = 512
 # Calibration: up to 8 chunks spread over the speech, 6 evaluations spread over each chunk's Euler steps and its
 # priming pass = 48 feeds; at most 8 distinct prefixes are held (2.1 GB at full size with a full window).
 _CALIBRATION_CHUNKS = 8
@@ -76,9 +74,6 @@ def load_dit(snapshot: Path) -> DiT:
 
 class DitStepGraph(GraphSpec):
     name = "dit_step"
-    component = "dit"
-    input_names = ("x_t", "t_int", "tokens", "positions", "prefix_k", "prefix_v", "prefix_len")
-    output_names = ("velocity", "k", "v")
     dynamic_axes = {
         "x_t": {1: "frames"}, "tokens": {1: "frames"}, "positions": {1: "frames"},
         "prefix_k": {3: "prefix"}, "prefix_v": {3: "prefix"},
@@ -107,10 +102,10 @@ class DitStepGraph(GraphSpec):
         )
 
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
-        cfg, window = module.cfg, StreamingConfig().max_kv_cache_frames
-        streaming = StreamingConfig()
-        chunk = streaming.chunk_tokens * streaming.upsample_factor + streaming.look_ahead_frames  # 168
-        frames = lambda *rest: ShapeProfile((1, MIN_FRAMES, *rest), (1, chunk, *rest), (1, MAX_FRAMES, *rest))
+        cfg, streaming = module.cfg, StreamingConfig()
+        window = streaming.max_kv_cache_frames
+        low, opt, high = frames_profile(streaming, self.name)
+        frames = lambda *rest: ShapeProfile((1, low, *rest), (1, opt, *rest), (1, high, *rest))  # noqa: E731
         kv = ShapeProfile(*((cfg.depth, 1, cfg.num_heads, p, cfg.head_dim) for p in (MIN_PREFIX, window, window)))
         fixed = ShapeProfile((1,), (1,), (1,))
         return {

@@ -12,11 +12,9 @@ from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
 from kimia_edge.export.reference.bigvgan import BigVGAN, build_bigvgan
 from kimia_edge.export.snapshot.vocoder import read_vocoder
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.spec.manifest import ShapeProfile
+from kimia_edge.runtime.spec.streaming import StreamingConfig, frames_profile
 
-# Frames per call in streaming: the first chunk vocodes 72 frames, later ones up to 84 held back + 120 new
-# (+48 look-ahead frames in the final chunk); 512 leaves room for larger chunk schedules.
-MIN_FRAMES, OPT_FRAMES, MAX_FRAMES = 4, 156, 512
 # De-normalised mel is a natural-log magnitude around mel_mean (-4.48) with std 3.46 (reference §3.1).
 _EXAMPLE_MEL_MEAN, _EXAMPLE_MEL_STD = -4.5, 2.0
 
@@ -31,9 +29,6 @@ def load_vocoder(snapshot: Path) -> BigVGAN:
 
 class VocoderGraph(GraphSpec):
     name = "vocoder"
-    component = "vocoder"
-    input_names = ("mel",)
-    output_names = ("wav",)
     dynamic_axes = {"mel": {2: "frames"}, "wav": {2: "samples"}}
     parity_lengths = (72, 156, 37)
     fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-4)
@@ -49,7 +44,8 @@ class VocoderGraph(GraphSpec):
 
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
         n = module.cfg.num_mels
-        return {"mel": ShapeProfile((1, n, MIN_FRAMES), (1, n, OPT_FRAMES), (1, n, MAX_FRAMES))}
+        low, opt, high = frames_profile(StreamingConfig(), self.name)  # frames per call of the streaming schedule
+        return {"mel": ShapeProfile((1, n, low), (1, n, opt), (1, n, high))}
 
     def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
         """The vocoder inputs the streaming detokenizer produces from the semantic tokens of real speech."""

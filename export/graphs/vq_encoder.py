@@ -7,7 +7,7 @@ Inside: causal convs, learned positions, the block-causal + key-padding attentio
 Decision: the codebook distance and the argmin run in the RUNTIME, not in the graph.
 A flipped id changes the LLM's input, so the distance must stay fp32 whatever precision the encoder runs at —
 the official tokenizer computes it in fp32. In the graph, every fp16 / int8 variant would have to exclude the
-distance MatMul, the norms and the ArgMin from conversion by node name (export/precision.py has no exclusion
+distance MatMul, the norms and the ArgMin from conversion by node name (quantization/variants.py has no exclusion
 lists; the dynamo exporter's node names are not a stable interface; TensorRT may still fuse and lower them).
 In the runtime, no precision variant can reach it: ``runtime/audio_tokenizer.py`` computes
 ``argmin(‖c‖² + ‖h‖² − 2 h·c)`` in numpy fp32 (the official ``vector_quantize`` formula, ‖h‖² kept so the
@@ -41,8 +41,9 @@ from kimia_edge.export.reference.glm_vq import WhisperVQEncoder, load_vq_encoder
 from kimia_edge.export.reference.pipeline import find_glm_tokenizer
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import CONV1_STRIDE, CONV2_STRIDE, VQEncoderConfig
-from kimia_edge.runtime.audio_tokenizer import CODEBOOK_ARTIFACT, vq_segment_inputs
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.audio_tokenizer import vq_segment_inputs
+from kimia_edge.runtime.spec.graphs import VQ_CODEBOOK
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 
 # TensorRT opt shape: a 10 s utterance (the length of a typical spoken turn); max = one 30 s segment.
 OPT_SECONDS = 10
@@ -84,9 +85,6 @@ class VQPreQuantizer(torch.nn.Module):
 
 class VQEncoderGraph(GraphSpec):
     name = "vq_encoder"
-    component = "vq_encoder"
-    input_names = ("mel", "frame_mask")
-    output_names = ("pre_vq",)
     dynamic_axes = {"mel": {2: "frames"}, "frame_mask": {1: "frames"}, "pre_vq": {1: "tokens"}}
     # 52 tokens (fixture clip A), a full 30 s segment, 29 tokens (clip B)
     parity_lengths = (416, fe.N_FRAMES, 232)
@@ -133,4 +131,4 @@ class VQEncoderGraph(GraphSpec):
 
     def sidecar_arrays(self, module: torch.nn.Module) -> Dict[str, np.ndarray]:
         """The codebook [V, d] float32 for the runtime's fp32 nearest-row search (artifact ``vq_codebook``)."""
-        return {CODEBOOK_ARTIFACT: module.encoder.codebook.weight.detach().float().numpy().copy()}
+        return {VQ_CODEBOOK: module.encoder.codebook.weight.detach().float().numpy().copy()}

@@ -17,7 +17,7 @@ import torch
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
 from kimia_edge.export.reference.whisper_encoder import load_whisper_encoder
 from kimia_edge.runtime import frontend as fe
-from kimia_edge.runtime.manifest import ShapeProfile
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 
 # Calibration: every clip also contributes crops starting at these fractions of its length, so that a handful of
 # speech clips give int8 calibration several distinct windows (speech at different places in the 30 s window).
@@ -53,9 +53,6 @@ def speech_crops(clips: List[np.ndarray]) -> List[np.ndarray]:
 
 class WhisperEncoderGraph(GraphSpec):
     name = "whisper_encoder"
-    component = "whisper_encoder"
-    input_names = ("mel",)
-    output_names = ("hidden",)
     dynamic_axes: Dict[str, Dict[int, str]] = {}
     # static graph: two parity inputs of the one legal shape (different seeds)
     parity_lengths = (fe.N_FRAMES, fe.N_FRAMES)

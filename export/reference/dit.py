@@ -22,12 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimia_edge.runtime.dit_config import (
-    LAYER_NORM_EPS,
-    TIMESTEP_FREQUENCY_DIM,
-    TIMESTEP_MAX_PERIOD,
-    DitConfig,
-)
+from kimia_edge.runtime.dit_config import LAYER_NORM_EPS, TIMESTEP_FREQUENCY_DIM, TIMESTEP_MAX_PERIOD, DitConfig
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "TorchDitStep", "build_dit", "rope_tables",
            "apply_rope", "PrefixKV"]

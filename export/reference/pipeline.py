@@ -25,7 +25,7 @@ from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat, lo
 from kimia_edge.export.snapshot.detokenizer import read_detokenizer
 from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
-from kimia_edge.runtime.dit_config import StreamingConfig
+from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, generate
 from kimia_edge.runtime.prompt import AudioEncoding, build_prompt
 from kimia_edge.runtime.special_tokens import SpecialTokens

@@ -26,7 +26,9 @@ _DEMO_STEPS = 100  # LLM steps: ~94 audio tokens = 7.5 s of speech after the 6-s
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("KIMIA_EDGE_CACHE", Path.home() / ".cache" / "kimia-edge")) / f"demo-{__version__}"
+    from kimia_edge.runtime.bundle import default_cache_dir
+
+    return default_cache_dir() / f"demo-{__version__}"
 
 
 def speech_like_clip(seconds: float = 3.0, seed: int = 0) -> np.ndarray:
@@ -56,7 +58,8 @@ def speech_like_clip(seconds: float = 3.0, seed: int = 0) -> np.ndarray:
 
 def prepare_bundle(cache: Path) -> Path:
     """The cached demo bundle, made (snapshot + export) if missing or if it no longer verifies."""
-    from kimia_edge.runtime.manifest import BundleError, load_bundle
+    from kimia_edge.runtime.bundle import load_bundle
+    from kimia_edge.runtime.spec.manifest import BundleError
 
     bundle = cache / "bundle-tiny"
     try:
@@ -90,20 +93,21 @@ def run_demo(cache: Optional[Path] = None, output: Path = Path("kimia-edge-demo.
     logging.getLogger("gguf").setLevel(logging.WARNING)
     start = time.perf_counter()
     bundle = prepare_bundle(cache or default_cache())
-    pipe = Pipeline.from_bundle(bundle)
+    chat = Pipeline.from_bundle(bundle).conversation()
     question = speech_like_clip()
     print("kimia-edge demo: a tiny random-weight Kimi-Audio answers a synthetic question "
           "(random weights: the words are noise, the machinery is real)\nanswer: ", end="", flush=True)
     audio = []
     config = generation_config("chat", seed=0, step_limit=_DEMO_STEPS)
-    for event in pipe.turn(question, DEMO_RATE_HZ, "chat", config=config, seed=0):
+    for event in chat.turn(question, DEMO_RATE_HZ, "chat", config=config, seed=0):
         if isinstance(event, TextEvent):
             print(event.text, end="", flush=True)
         elif isinstance(event, AudioEvent):
             audio.append(event.samples)
     wav = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-    sf.write(str(output), wav, pipe.c.output_sample_rate_hz, subtype="FLOAT")
-    print("\n\n" + pipe.last_metrics.table())
-    print(f"\nwrote {output} ({wav.size / pipe.c.output_sample_rate_hz:.2f} s at {pipe.c.output_sample_rate_hz} Hz); "
+    rate = chat.pipeline.c.output_sample_rate_hz
+    sf.write(str(output), wav, rate, subtype="FLOAT")
+    print("\n\n" + chat.last.metrics.table())
+    print(f"\nwrote {output} ({wav.size / rate:.2f} s at {rate} Hz); "
           f"demo took {time.perf_counter() - start:.0f} s")
     return 0

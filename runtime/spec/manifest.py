@@ -1,10 +1,12 @@
 """The bundle: a folder with ``manifest.json`` and the artifacts it lists. It is the only thing that crosses
 from build time to run time, so its schema lives here (torch-free) and both worlds use it.
 
-A manifest names its format and version, carries the model config the runtime needs, says where it came
-from, and lists every artifact with its files, their sizes and sha256, precision, measured error and the
-TensorRT profile shapes of its inputs. ``load_bundle`` refuses a bundle whose version is unknown or whose
-files do not match.
+A manifest names its format and version, carries the model config the runtime needs (``ModelConfig``: typed,
+validated on read), says where it came from, and lists every artifact with its files, their sizes and sha256,
+precision, measured error and the TensorRT profile shapes of its inputs. Opening and verifying a bundle folder is
+``kimia_edge.runtime.bundle``'s job.
+
+Version 2: the ``model`` section holds each config in its own ``to_dict`` spelling and the special token ids.
 """
 from __future__ import annotations
 
@@ -13,11 +15,18 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+from ..audio_encoder_config import VQEncoderConfig, WhisperEncoderConfig
+from ..dit_config import DitConfig
+from ..llm_config import KimiaConfig
+from ..special_tokens import SpecialTokens
+from ..vocoder_config import VocoderConfig
+from .streaming import StreamingConfig
 
 FORMAT = "kimia-edge-bundle"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 MANIFEST_NAME = "manifest.json"
 _HASH_CHUNK_BYTES = 1 << 22
 
@@ -32,6 +41,71 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK_BYTES):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _special_tokens(data: Mapping[str, Any]) -> SpecialTokens:
+    fields = {f.name for f in dataclasses.fields(SpecialTokens)}
+    if set(data) != fields:
+        raise ValueError(f"expected the ids {sorted(fields)}, got {sorted(data)}")
+    tokens = SpecialTokens(**{k: int(v) for k, v in data.items()})
+    tokens.validate()
+    return tokens
+
+
+# section -> (reader of its dict form, writer); each config class keeps its own validated spelling
+_SECTIONS: Dict[str, Tuple[Callable[[Mapping[str, Any]], Any], Callable[[Any], Dict[str, Any]]]] = {
+    "llm": (lambda d: KimiaConfig.from_dict(d, source="manifest model.llm"), lambda c: c.to_dict()),
+    "special_tokens": (_special_tokens, dataclasses.asdict),
+    "whisper_encoder": (WhisperEncoderConfig.from_dict, lambda c: c.to_dict()),
+    "vq_encoder": (lambda d: VQEncoderConfig.from_dict(d, d.get("features")), dataclasses.asdict),
+    "dit": (DitConfig.from_dict, lambda c: c.to_dict()),
+    "streaming": (StreamingConfig.from_dict, lambda c: c.to_dict()),
+    "vocoder": (VocoderConfig.from_dict, lambda c: c.to_dict()),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model config the runtime needs, read from the snapshot at export time: LLM dims and token offset, the
+    special ids, both audio encoders, the DiT, the official streaming schedule and the vocoder."""
+
+    llm: KimiaConfig
+    special_tokens: SpecialTokens
+    whisper_encoder: WhisperEncoderConfig
+    vq_encoder: VQEncoderConfig
+    dit: DitConfig
+    streaming: StreamingConfig
+    vocoder: VocoderConfig
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {name: write(getattr(self, name)) for name, (_, write) in _SECTIONS.items()}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> "ModelConfig":
+        """Reads and validates every section; BundleError names the section and what is wrong."""
+        if not isinstance(data, Mapping):
+            raise BundleError(f"{where}: model must be an object, got {type(data).__name__}")
+        missing, unknown = sorted(set(_SECTIONS) - set(data)), sorted(set(data) - set(_SECTIONS))
+        if missing or unknown:
+            raise BundleError(f"{where}: model sections missing {missing}, unknown {unknown}")
+        sections = {}
+        for name, (read, _) in _SECTIONS.items():
+            if not isinstance(data[name], Mapping):
+                raise BundleError(f"{where}: model.{name} must be an object, got {type(data[name]).__name__}")
+            try:
+                sections[name] = read(data[name])
+            except (ValueError, TypeError, KeyError) as e:
+                raise BundleError(f"{where}: model.{name}: {e}") from e
+        return cls(**sections)
+
+    @property
+    def token_offset(self) -> int:
+        """First id of the audio vocabulary in the LLM's id space (config.json kimia_token_offset)."""
+        return self.llm.kimia_token_offset
+
+    @property
+    def output_sample_rate_hz(self) -> int:
+        return int(self.vocoder.sampling_rate)
 
 
 @dataclass(frozen=True)
@@ -88,7 +162,7 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Manifest:
-    model: Dict[str, Any]  # the model config the runtime needs (dims, rates, special ids, streaming constants)
+    model: ModelConfig
     source: Dict[str, Any]  # the snapshot it came from: path, revision, config fingerprints
     artifacts: Tuple[Artifact, ...]
     created_by: str = ""
@@ -105,14 +179,18 @@ class Manifest:
         raise BundleError(f"bundle has no artifact {want}; it has {have}")
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=False)
+        raw = dataclasses.asdict(self)
+        raw["model"] = self.model.to_dict()
+        return json.dumps(raw, indent=2, sort_keys=False)
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BundleError(f"{where}: not valid JSON ({e})") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BundleError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from e
+        if not isinstance(raw, dict):
+            raise BundleError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         if raw.get("format") != FORMAT:
             raise BundleError(f"{where}: format is {raw.get('format')!r}, expected {FORMAT!r}")
         if raw.get("version") not in SUPPORTED_VERSIONS:
@@ -131,51 +209,9 @@ class Manifest:
                 )
                 for a in raw["artifacts"]
             )
-            return cls(model=raw["model"], source=raw["source"], artifacts=artifacts,
+            return cls(model=ModelConfig.from_dict(raw["model"], where), source=raw["source"], artifacts=artifacts,
                        created_by=raw.get("created_by", ""), format=raw["format"], version=raw["version"])
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from e
-
-
-def verify_bundle(root: Path) -> List[str]:
-    """Checks every listed file against its size and sha256. Returns the problems found (empty if none)."""
-    manifest = read_manifest(root)
-    problems = []
-    names = set()
-    for a in manifest.artifacts:
-        key = (a.name, a.precision)
-        if key in names:
-            problems.append(f"artifact {a.name}/{a.precision} is listed twice")
-        names.add(key)
-        for prof_name, prof in a.profiles.items():
-            try:
-                prof.validate(f"{a.name}.{prof_name}")
-            except BundleError as e:
-                problems.append(str(e))
-        for f in a.files:
-            p = root / f.path
-            if not p.is_file():
-                problems.append(f"{a.name}/{a.precision}: file {f.path} is missing")
-            elif p.stat().st_size != f.bytes:
-                problems.append(f"{a.name}/{a.precision}: {f.path} has {p.stat().st_size} bytes, manifest says {f.bytes}")
-            elif sha256_file(p) != f.sha256:
-                problems.append(f"{a.name}/{a.precision}: {f.path} sha256 differs from the manifest (altered or corrupt)")
-    return problems
-
-
-def read_manifest(root: Path) -> Manifest:
-    path = Path(root) / MANIFEST_NAME
-    if not path.is_file():
-        raise BundleError(f"{root} is not a kimia-edge bundle: {MANIFEST_NAME} is missing")
-    return Manifest.from_json(path.read_text(), where=str(path))
-
-
-def load_bundle(root: Path, verify: bool = True) -> Manifest:
-    """Reads and (by default) verifies a bundle; raises BundleError naming every problem."""
-    root = Path(root)
-    manifest = read_manifest(root)
-    if verify:
-        problems = verify_bundle(root)
-        if problems:
-            raise BundleError(f"bundle {root} failed verification:\n  " + "\n  ".join(problems))
-    return manifest

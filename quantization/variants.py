@@ -14,7 +14,8 @@ A graph whose weights live in an external-data file (``<graph>.onnx.data``, grap
 written the same way, since protobuf cannot hold more than 2 GiB in one file.
 
 Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
-the manifest."""
+the manifest. The names, tolerances and TensorRT flags of the precisions are the registry's
+(``kimia_edge.runtime.spec.precisions``); this module is how they are made."""
 from __future__ import annotations
 
 import logging
@@ -23,9 +24,11 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from kimia_edge.export.fileio import external_data_file
+from kimia_edge.runtime.spec.precisions import onnx_precision
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
 # Ops whose weights int8 quantization touches; Conv covers the vocoder and the Whisper front convs.
 _QUANT_OPS = ["MatMul", "Gemm", "Conv"]
 
@@ -38,17 +41,6 @@ class _FeedReader:
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         return next(self._it, None)
-
-
-def external_data_file(graph: Path) -> Path:
-    """Where the weights of ``graph`` live when they are external (the exporters' and ORT's naming)."""
-    return graph.with_name(graph.name + ".data")
-
-
-def graph_files(graph: Path) -> List[Path]:
-    """The graph and, if it has one, its external-data file."""
-    data = external_data_file(graph)
-    return [graph] + ([data] if data.exists() else [])
 
 
 def to_fp16(src: Path, dst: Path) -> Path:
@@ -92,13 +84,16 @@ def to_int8_qdq(src: Path, dst: Path, calibration: Iterable[Dict[str, np.ndarray
     return dst
 
 
+# How each precision of the registry (kimia_edge.runtime.spec.precisions) is made from the fp32 graph.
+MAKERS = {"fp16": lambda src, dst, calibration, signed: to_fp16(src, dst),
+          "int8_dynamic": lambda src, dst, calibration, signed: to_int8_dynamic(src, dst, signed),
+          "int8_qdq": lambda src, dst, calibration, signed: to_int8_qdq(src, dst, calibration or [])}
+
+
 def make_variant(precision: str, src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarray]]] = None,
                  signed_weights: bool = True) -> Path:
     """Writes the ``precision`` variant of the fp32 graph ``src`` to ``dst`` (``signed_weights``: int8_dynamic only)."""
-    if precision == "fp16":
-        return to_fp16(src, dst)
-    if precision == "int8_dynamic":
-        return to_int8_dynamic(src, dst, signed_weights)
-    if precision == "int8_qdq":
-        return to_int8_qdq(src, dst, calibration or [])
-    raise ValueError(f"precision must be one of {PRECISIONS[1:]} (fp32 is the export itself), got {precision!r}")
+    onnx_precision(precision)
+    if precision not in MAKERS:
+        raise ValueError(f"precision must be one of {tuple(MAKERS)} (fp32 is the export itself), got {precision!r}")
+    return MAKERS[precision](src, dst, calibration, signed_weights)

@@ -1,0 +1,83 @@
+"""The precision registry: every numeric format an artifact of a bundle can have, and what each one means to the
+exporter (how it is made, the error it may show to be listed), to TensorRT (builder flags) and to the runtime
+(defaults per device, which graphs may use it). Adding a precision is one entry here plus the code that makes it
+(``kimia_edge.quantization.variants``).
+
+ONNX graphs: ``fp32`` is the export itself; the others are variants written by ONNX Runtime's tools.
+LLM (GGUF): the base file is F32 or F16; the rest are llama.cpp quant type names, checked by llama.cpp.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from .graphs import ONNX_GRAPHS
+
+__all__ = ["OnnxPrecision", "ONNX_PRECISIONS", "PRECISION_NAMES", "onnx_precision", "parse_precision_spec",
+           "DEFAULT_PRECISION_SPEC", "LLM_BASE_PRECISIONS", "LLM_PREFERENCE", "DEFAULT_LLM_QUANTS"]
+
+
+@dataclass(frozen=True)
+class OnnxPrecision:
+    """One ONNX precision.
+
+    ``tolerance_rel_l2``: largest relative L2 error a variant may show against the reference on held-out inputs (and
+    speech-derived ones) for a bundle to list it; None for fp32, whose own parity tolerance is per graph. Set for
+    random weights, a worst case: they catch a broken variant (wrong scales, a saturating kernel: rel L2 near 1),
+    they do not grade a good one. Highest seen on tiny / small snapshots: fp16 9.4e-3, int8 dynamic 2.7e-2,
+    int8 QDQ 6.4e-2 (docs/benchmarks.md).
+    ``needs_calibration``: made from calibration inputs derived from real speech.
+    ``tensorrt``: None if TensorRT cannot build an engine from this variant, else the builder flags it needs.
+    """
+
+    name: str
+    description: str
+    tolerance_rel_l2: Optional[float]
+    needs_calibration: bool = False
+    tensorrt: Optional[Tuple[str, ...]] = None
+
+
+ONNX_PRECISIONS: Dict[str, OnnxPrecision] = {p.name: p for p in (
+    OnnxPrecision("fp32", "the exported graph", None, tensorrt=()),
+    OnnxPrecision("fp16", "fp16 weights and compute, fp32 I/O (a GPU format: ORT's CPU runs it in fp32 behind casts)",
+                  3e-2, tensorrt=("FP16",)),
+    OnnxPrecision("int8_dynamic", "int8 weights, activations quantized on the fly (CPU)", 0.15),
+    OnnxPrecision("int8_qdq", "static int8 in QDQ form, calibrated on real speech (TensorRT explicit quantization)",
+                  0.2, needs_calibration=True, tensorrt=("FP16", "INT8")),
+)}
+PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
+
+# What the runtime opens when nothing is asked, per device. On a CPU fp32 everywhere (the precision every parity
+# test holds); `fp32,dit_step=int8_dynamic` is the fastest CPU mix measured (docs/benchmarks.md) and [Q]'s study
+# decides whether it becomes the default. On a GPU fp16 (untested on GPU).
+DEFAULT_PRECISION_SPEC: Mapping[str, str] = {"cpu": "fp32", "gpu": "fp16"}
+
+LLM_BASE_PRECISIONS: Tuple[str, ...] = ("F32", "F16")
+# GGUF variants in the order the runtime prefers them when none is asked for: the smallest listed first.
+LLM_PREFERENCE: Tuple[str, ...] = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "F32")
+DEFAULT_LLM_QUANTS: Tuple[str, ...] = ("Q4_K_M",)
+
+
+def onnx_precision(name: str) -> OnnxPrecision:
+    """The registry entry ``name``; ValueError listing the known names otherwise."""
+    try:
+        return ONNX_PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"precision {name!r}: expected one of {PRECISION_NAMES}") from None
+
+
+def parse_precision_spec(spec: str, graphs: Sequence[str] = ONNX_GRAPHS) -> Dict[str, str]:
+    """``"int8_dynamic"`` (every graph) or ``"fp32,dit_step=int8_dynamic"`` (a default, then per-graph choices)
+    -> {graph: precision} for every graph in ``graphs``. ValueError names what is wrong."""
+    chosen: Dict[str, str] = {}
+    default = "fp32"
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        graph, _, precision = item.rpartition("=")
+        onnx_precision(precision)
+        if graph and graph not in graphs:
+            raise ValueError(f"precision for {graph!r}: no such graph; graphs are {tuple(graphs)}")
+        if graph:
+            chosen[graph] = precision
+        else:
+            default = precision
+    return {graph: chosen.get(graph, default) for graph in graphs}
