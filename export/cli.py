@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Callable
 
 from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
-from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES
+from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
 
-BUILD_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "gguf", "yaml")
+BUILD_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "yaml")
 
 
 def missing_build_modules() -> list:
@@ -76,8 +76,9 @@ def _export(args: argparse.Namespace) -> int:
 
     precisions = args.precision
     speech = audio_files(args.calibration_audio or [])
-    if "int8_qdq" in precisions and not speech:
-        print("note: no --calibration-audio given, so no int8_qdq variants (static int8 is calibrated on real speech)")
+    calibrated = [p for p in precisions if onnx_precision(p).needs_calibration]
+    if calibrated and not speech:
+        print(f"note: no --calibration-audio given, so no {', '.join(calibrated)} variants (calibrated on real speech)")
     out = export_bundle(args.snapshot, args.out, precisions=precisions, graphs=args.graphs, calibration_audio=speech,
                         llm_precision=None if args.no_llm else args.llm_precision, llm_quants=args.llm_quants,
                         overwrite=args.overwrite, seed=args.seed)

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from kimia_edge.runtime.spec.gguf import FILES as GGUF_FILES
+
 __all__ = ["QUANT_TYPES", "TENSOR_TYPES", "quantize_gguf", "quantize_llm", "QuantizeError"]
 
 # name -> llama_ftype (llama.h enum llama_ftype)
@@ -34,8 +36,7 @@ QUANT_TYPES: Dict[str, int] = {
 # name -> ggml_type (ggml.h enum ggml_type), for output_tensor_type / token_embedding_type overrides
 TENSOR_TYPES: Dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
-_FILES = ("llm_trunk.gguf", "llm_audio.gguf")
-_ADAPTOR = "llm_adaptor.gguf"
+_QUANTIZED_ROLES = ("trunk", "audio")  # the adaptor stays F32 and is copied
 
 
 class QuantizeError(RuntimeError):
@@ -99,12 +100,12 @@ def quantize_llm(export_dir: Path, out_dir: Path, qtype: str, *, output_type: Op
     if export_dir.resolve() == out_dir.resolve():
         raise ValueError("out_dir must differ from export_dir (same file names)")
     out: Dict[str, Path] = {}
-    for name in _FILES:
-        out[name.split("_")[1].split(".")[0]] = quantize_gguf(
-            export_dir / name, out_dir / name, qtype, output_type=output_type,
-            token_embedding_type=token_embedding_type, nthread=nthread)
-    if (export_dir / _ADAPTOR).exists():
-        out["adaptor"] = Path(shutil.copy2(export_dir / _ADAPTOR, out_dir / _ADAPTOR))
+    for role in _QUANTIZED_ROLES:
+        out[role] = quantize_gguf(export_dir / GGUF_FILES[role], out_dir / GGUF_FILES[role], qtype,
+                                  output_type=output_type, token_embedding_type=token_embedding_type, nthread=nthread)
+    adaptor = GGUF_FILES["adaptor"]
+    if (export_dir / adaptor).exists():
+        out["adaptor"] = Path(shutil.copy2(export_dir / adaptor, out_dir / adaptor))
     return out
 
 

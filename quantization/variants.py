@@ -15,7 +15,8 @@ written the same way, since protobuf cannot hold more than 2 GiB in one file.
 
 Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
 the manifest. The names, tolerances and TensorRT flags of the precisions are the registry's
-(``kimia_edge.runtime.spec.precisions``); this module is how they are made."""
+(``kimia_edge.runtime.spec.precisions``); this module is how they are made: ``to_<precision>(src, dst, calibration,
+signed_weights)`` for each registry entry but fp32."""
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,8 @@ class _FeedReader:
         return next(self._it, None)
 
 
-def to_fp16(src: Path, dst: Path) -> Path:
+def to_fp16(src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarray]]] = None,
+            signed_weights: bool = True) -> Path:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -59,7 +61,8 @@ def to_fp16(src: Path, dst: Path) -> Path:
     return dst
 
 
-def to_int8_dynamic(src: Path, dst: Path, signed_weights: bool = True) -> Path:
+def to_int8_dynamic(src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarray]]] = None,
+                    signed_weights: bool = True) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     weights = dict(weight_type=QuantType.QInt8, per_channel=True, reduce_range=True) if signed_weights \
@@ -69,10 +72,11 @@ def to_int8_dynamic(src: Path, dst: Path, signed_weights: bool = True) -> Path:
     return dst
 
 
-def to_int8_qdq(src: Path, dst: Path, calibration: Iterable[Dict[str, np.ndarray]]) -> Path:
+def to_int8_qdq(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
+               signed_weights: bool = True) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    feeds = list(calibration)
+    feeds = list(calibration or [])
     if not feeds:
         raise ValueError(f"{src.name}: static int8 needs calibration inputs, got none")
     quantize_static(
@@ -84,16 +88,10 @@ def to_int8_qdq(src: Path, dst: Path, calibration: Iterable[Dict[str, np.ndarray
     return dst
 
 
-# How each precision of the registry (kimia_edge.runtime.spec.precisions) is made from the fp32 graph.
-MAKERS = {"fp16": lambda src, dst, calibration, signed: to_fp16(src, dst),
-          "int8_dynamic": lambda src, dst, calibration, signed: to_int8_dynamic(src, dst, signed),
-          "int8_qdq": lambda src, dst, calibration, signed: to_int8_qdq(src, dst, calibration or [])}
-
-
 def make_variant(precision: str, src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarray]]] = None,
                  signed_weights: bool = True) -> Path:
     """Writes the ``precision`` variant of the fp32 graph ``src`` to ``dst`` (``signed_weights``: int8_dynamic only)."""
-    onnx_precision(precision)
-    if precision not in MAKERS:
-        raise ValueError(f"precision must be one of {tuple(MAKERS)} (fp32 is the export itself), got {precision!r}")
-    return MAKERS[precision](src, dst, calibration, signed_weights)
+    maker = globals().get(f"to_{onnx_precision(precision).name}")
+    if maker is None:
+        raise ValueError(f"no maker to_{precision}() in {__name__} (fp32 is the export itself)")
+    return maker(src, dst, calibration, signed_weights)

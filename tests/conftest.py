@@ -1,13 +1,20 @@
-"""Shared test configuration: the --slow switch and the location of ../shared (tests may read it;
-the package may not)."""
+"""Shared test configuration: the --slow switch, the location of ../shared (tests may read it; the package may
+not), and the session's tiny snapshot and bundle (made once: exporting is most of the suite's time).
+
+tests/runtime/ holds the torch-free subset: it runs in a venv with only the runtime installed, on the bundle named
+by ``KIMIA_EDGE_TEST_BUNDLE`` (CI exports it in the full venv first)."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+TEST_BUNDLE_ENV = "KIMIA_EDGE_TEST_BUNDLE"
+TINY_SEED = 51
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -57,3 +64,43 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def has_build_extra() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight snapshot in the official layout, made once per session. Tests must not modify it."""
+    if not has_build_extra():
+        pytest.skip("making a snapshot needs the build extra (torch)")
+    from kimia_edge.export.snapshot.make import make_snapshot
+
+    return make_snapshot(tmp_path_factory.mktemp("session") / "snap-tiny", "tiny", seed=TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config(tiny_snapshot: Path):
+    """The manifest model section of the tiny snapshot."""
+    from kimia_edge.export.exporter import model_config
+
+    return model_config(tiny_snapshot)
+
+
+def export_tiny_bundle(snapshot: Path, out: Path) -> Path:
+    """What the session bundle holds: every graph at fp32, the LLM at F16 and Q8_0."""
+    from kimia_edge.export.exporter import export_bundle
+
+    return export_bundle(snapshot, out, precisions=("fp32",), llm_precision="f16", llm_quants=("Q8_0",))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's bundle: ``$KIMIA_EDGE_TEST_BUNDLE`` if set (the runtime-only venv), else exported once from
+    ``tiny_snapshot``. Tests must not modify it (copy it first)."""
+    if os.environ.get(TEST_BUNDLE_ENV):
+        return Path(os.environ[TEST_BUNDLE_ENV])
+    if not has_build_extra():
+        pytest.skip(f"no bundle: set {TEST_BUNDLE_ENV} or install the build extra to export one")
+    return export_tiny_bundle(request.getfixturevalue("tiny_snapshot"), tmp_path_factory.mktemp("session") / "bundle")

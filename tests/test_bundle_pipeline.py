@@ -8,12 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kimia_edge.cli import main
 from kimia_edge.export.reference.pipeline import GoldenPipeline
-from kimia_edge.export.snapshot.make import make_snapshot
 from kimia_edge.runtime.frontend import load_audio
 from kimia_edge.runtime.spec.manifest import BundleError
-from kimia_edge.runtime.pipeline import Pipeline
+from kimia_edge.runtime.pipeline import Pipeline, PipelineOptions
 from kimia_edge.runtime.streaming import AudioEvent, TextEvent
 from kimia_edge.runtime.tasks import generation_config
 
@@ -21,25 +19,22 @@ WAV_TOL = 5e-4  # fp32 ONNX DiT (30 Euler evaluations) + vocoder vs eager torch,
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("bp")
-    snap = make_snapshot(root / "snap", "tiny", seed=51)
-    assert main(["export", "--snapshot", str(snap), "--out", str(root / "bundle"), "--precision", "fp32",
-                 "--llm-quants", "Q8_0"]) == 0
-    return snap, root / "bundle"
+def exported(tiny_snapshot: Path, tiny_bundle: Path):
+    return tiny_snapshot, tiny_bundle
 
 
 @pytest.fixture(scope="module")
 def pipeline(exported) -> Pipeline:
-    return Pipeline.from_bundle(exported[1], threads=2)
+    return Pipeline.from_bundle(exported[1], PipelineOptions(threads=2))
 
 
 def test_chat_streams_text_then_speech(pipeline: Pipeline, shared_audio: Path) -> None:
     samples, sr = load_audio(shared_audio / "qa_example.wav")
-    events = list(pipeline.turn(samples, sr, "chat", config=generation_config("chat", 3, step_limit=70), seed=3))
+    chat = pipeline.conversation()
+    events = list(chat.turn(samples, sr, "chat", config=generation_config("chat", 3, step_limit=70), seed=3))
     assert any(isinstance(e, TextEvent) for e in events)
     audio = np.concatenate([e.samples for e in events if isinstance(e, AudioEvent)])
-    m = pipeline.last_metrics
+    m = chat.last.metrics
     assert audio.size == m.output_audio_s * 24_000 and audio.size % 1920 == 0 and audio.size > 0
     assert m.first_audio_s < m.prefill_s + m.encode_s + 70 / max(m.llm_steps_per_s, 1e-9) + 60
     assert m.providers["dit_step"].startswith("CPUExecutionProvider") and "llama.cpp Q8_0" == m.providers["llm"][:14]
@@ -59,30 +54,15 @@ def test_same_tokens_and_noise_give_the_golden_waveform(exported, pipeline: Pipe
 
 def test_missing_llm_precision_is_named(exported) -> None:
     with pytest.raises(BundleError, match="no LLM at 'Q4_K_M'"):
-        Pipeline.from_bundle(exported[1], llm_precision="Q4_K_M")
+        Pipeline.from_bundle(exported[1], PipelineOptions(llm_precision="Q4_K_M"))
 
 
 def test_text_only_pipeline_transcribes_like_the_full_one_and_refuses_speech(exported, pipeline: Pipeline,
                                                                             shared_audio: Path) -> None:
     samples, sr = load_audio(shared_audio / "qa_example.wav")
     config = generation_config("asr", 0, step_limit=24)
-    text_only = Pipeline.from_bundle(exported[1], threads=2, text_only=True)
+    text_only = Pipeline.from_bundle(exported[1], PipelineOptions(threads=2, text_only=True))
     assert set(text_only.c.providers) == {"whisper_encoder", "vq_encoder", "llm"}
     assert text_only.run(samples, sr, "asr", config=config).text == pipeline.run(samples, sr, "asr", config=config).text
     with pytest.raises(ValueError, match="opened text_only"):
-        next(text_only.turn(samples, sr, "chat"))
-
-
-def test_precision_per_graph_is_parsed_and_bad_names_are_refused() -> None:
-    from kimia_edge.runtime.pipeline import parse_precisions
-
-    assert parse_precisions("int8_dynamic") == dict.fromkeys(
-        ("whisper_encoder", "vq_encoder", "dit_step", "vocoder"), "int8_dynamic")
-    assert parse_precisions("fp32,dit_step=int8_dynamic") == {
-        "whisper_encoder": "fp32", "vq_encoder": "fp32", "dit_step": "int8_dynamic", "vocoder": "fp32"}
-    with pytest.raises(ValueError, match="no such graph"):
-        parse_precisions("dit=int8_dynamic")
-    with pytest.raises(ValueError, match="'int4'"):
-        parse_precisions("int4")
-    with pytest.raises(SystemExit):  # the CLI refuses it before opening anything
-        main(["transcribe", "--bundle", "unused", "--precision", "fp32,dit=int8", "x.wav"])
+        next(text_only.conversation().turn(samples, sr, "chat"))

@@ -9,7 +9,8 @@ import pytest
 
 from kimia_edge.cli import main
 from kimia_edge.export.snapshot.make import make_snapshot
-from kimia_edge.runtime.spec.manifest import BundleError, load_bundle
+from kimia_edge.runtime.bundle import load_bundle
+from kimia_edge.runtime.spec.manifest import BundleError
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_bundle_lists_every_artifact_with_measured_errors(bundle: Path) -> None:
     voc = m.artifact("vocoder", "fp32")
     assert voc.error["max_abs"] < 1e-4 and voc.profiles["mel"].opt[1] == 80
     assert "speech_rel_l2" in m.artifact("vocoder", "int8_qdq").error  # measured on speech-derived mel too
-    assert m.model["vocoder"]["hop_size"] == 480 and m.model["llm"]["kimia_token_offset"] == 152064
+    assert m.model.vocoder.hop_size == 480 and m.model.token_offset == 152064
     assert m.source["config_sha256"] and not any(p.name.startswith(".") for p in bundle.parent.iterdir())
     listed = {f.path for a in m.artifacts for f in a.files} | {"manifest.json"}
     on_disk = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()}

@@ -11,7 +11,8 @@ from onnx import TensorProto, helper
 
 from kimia_edge.export.bundle import BundleWriter
 from kimia_edge.export.tensorrt import EngineBuildConfig, GpuIdentity, build_engine, engine_cache_key
-from kimia_edge.runtime.spec.manifest import ShapeProfile, load_bundle
+from kimia_edge.runtime.bundle import load_bundle
+from kimia_edge.runtime.spec.manifest import ShapeProfile
 from kimia_edge.runtime.sessions import (
     CPU_EP, CUDA_EP, TRT_ENGINE, TRT_EP, ProviderUnavailable, open_session, ort_provider_options, plan_providers,
     trt_shape_string,
@@ -37,8 +38,8 @@ def test_explicit_gpu_device_on_a_cpu_machine_is_an_error_not_a_fallback() -> No
         plan_providers("gpu", CPU_ORT, engine_runnable=False)
 
 
-def _artifact(precision: str, tmp_path: Path):
-    with BundleWriter(tmp_path / precision, model={}, source={}) as w:
+def _artifact(precision: str, tmp_path: Path, tiny_model_config):
+    with BundleWriter(tmp_path / precision, model=tiny_model_config, source={}) as w:
         w.path("m.onnx").write_bytes(b"x")
         w.add("dit_step", "dit", "onnx", precision, ["m.onnx"], profiles={
             "x_t": ShapeProfile((1, 1, 80), (1, 168, 80), (1, 400, 80)),
@@ -47,14 +48,14 @@ def _artifact(precision: str, tmp_path: Path):
     return load_bundle(tmp_path / precision).artifacts[0]
 
 
-def test_trt_ep_options_follow_precision_and_profiles(tmp_path: Path) -> None:
-    fp16 = ort_provider_options(TRT_EP, _artifact("fp16", tmp_path), tmp_path / "cache")
+def test_trt_ep_options_follow_precision_and_profiles(tmp_path: Path, tiny_model_config) -> None:
+    fp16 = ort_provider_options(TRT_EP, _artifact("fp16", tmp_path, tiny_model_config), tmp_path / "cache")
     assert fp16["trt_fp16_enable"] and not fp16["trt_int8_enable"]
     assert fp16["trt_profile_opt_shapes"] == "t:1,x_t:1x168x80"
     assert fp16["trt_engine_cache_path"] == str(tmp_path / "cache")
-    int8 = ort_provider_options(TRT_EP, _artifact("int8_qdq", tmp_path), None)
+    int8 = ort_provider_options(TRT_EP, _artifact("int8_qdq", tmp_path, tiny_model_config), None)
     assert int8["trt_int8_enable"] and "trt_engine_cache_path" not in int8
-    assert ort_provider_options(CPU_EP, _artifact("fp32", tmp_path), None) == {}
+    assert ort_provider_options(CPU_EP, _artifact("fp32", tmp_path, tiny_model_config), None) == {}
 
 
 def test_engine_cache_key_changes_with_everything_that_matters() -> None:
@@ -79,12 +80,13 @@ def test_shape_string_syntax() -> None:
     assert trt_shape_string({"b": ShapeProfile((1, 2), (1, 3), (1, 4)), "a": ShapeProfile((5,), (6,), (7,))}, "max") == "a:7,b:1x4"
 
 
-def test_open_session_on_cpu_reports_the_provider_it_got(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_open_session_on_cpu_reports_the_provider_it_got(tmp_path: Path, tiny_model_config,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
     graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "double", [x], [y])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with BundleWriter(tmp_path / "b", model={}, source={}) as w:
+    with BundleWriter(tmp_path / "b", model=tiny_model_config, source={}) as w:
         onnx.save(model, w.path("double.onnx"))
         w.add("double", "test", "onnx", "fp32", ["double.onnx"])
     art = load_bundle(tmp_path / "b").artifacts[0]

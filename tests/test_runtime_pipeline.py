@@ -1,5 +1,5 @@
 """The runtime Pipeline (torch-free orchestration) with the reference networks plugged in: same answer as the
-golden pipeline, metrics filled, resampling and multi-turn history."""
+golden pipeline, metrics filled, resampling, multi-turn history, and several conversations over one pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,15 +9,14 @@ import pytest
 from scipy.signal import resample_poly
 
 from kimia_edge.export.reference.pipeline import GoldenPipeline
-from kimia_edge.export.snapshot.make import make_snapshot
 from kimia_edge.runtime.frontend import load_audio, to_16k_mono
 from kimia_edge.runtime.pipeline import Components, Pipeline
 from kimia_edge.runtime.tasks import generation_config
 
 
 @pytest.fixture(scope="module")
-def golden(tmp_path_factory: pytest.TempPathFactory) -> GoldenPipeline:
-    return GoldenPipeline(make_snapshot(tmp_path_factory.mktemp("rp") / "tiny", "tiny", seed=31))
+def golden(tiny_snapshot: Path) -> GoldenPipeline:
+    return GoldenPipeline(tiny_snapshot)
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +53,26 @@ def test_input_at_another_rate_with_channels_is_resampled(pipeline: Pipeline, cl
 
 
 def test_history_grows_the_prompt(pipeline: Pipeline, clip: np.ndarray) -> None:
-    pipeline.reset()
+    chat = pipeline.conversation()
     config = generation_config("qa", step_limit=3)
-    pipeline.run(clip, 16_000, "qa", config=config, keep_history=True)
-    assert len(pipeline.history) == 2 and pipeline.history[1]["role"] == "assistant"
+    chat.run(clip, 16_000, "qa", config=config)
+    assert len(chat.history) == 2 and chat.history[1]["role"] == "assistant"
     first_prefill_positions = pipeline.c.backend.position
-    pipeline.run(clip[:8000], 16_000, "qa", config=config, keep_history=True)
+    chat.run(clip[:8000], 16_000, "qa", config=config)
     assert pipeline.c.backend.position > first_prefill_positions  # the second prompt carries the first turn
     with pytest.raises(ValueError, match="task must be one of"):
-        list(pipeline.turn(clip, 16_000, "translate"))
+        list(chat.turn(clip, 16_000, "translate"))
+
+
+def test_conversations_over_one_pipeline_keep_their_own_history(pipeline: Pipeline, clip: np.ndarray) -> None:
+    config = generation_config("qa", step_limit=6)
+    alone = pipeline.conversation()
+    expected = [alone.run(c, 16_000, "qa", config=config).text for c in (clip, clip[:8000])]
+    a, b = pipeline.conversation(), pipeline.conversation()
+    got_a1 = a.run(clip, 16_000, "qa", config=config).text
+    b.run(clip[16000:40000], 16_000, "qa", config=config)  # b's turn in between must not leak into a
+    got_a2 = a.run(clip[:8000], 16_000, "qa", config=config).text
+    assert [got_a1, got_a2] == expected
+    assert len(a.history) == 4 and len(b.history) == 2 and a.last.text == got_a2
+    one_off = pipeline.run(clip[:8000], 16_000, "qa", config=config)
+    assert one_off.metrics is not None and len(a.history) == 4  # a one-off turn keeps no history anywhere

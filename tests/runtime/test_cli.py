@@ -1,4 +1,4 @@
-"""The run-time commands on a real bundle, and bad input: each case ends with a one-line reason (exit 2) and
+"""The run-time commands on a real bundle (torch-free), and bad input: each case ends with a one-line reason (exit 2) and
 names what was wrong."""
 from __future__ import annotations
 
@@ -11,16 +11,11 @@ import pytest
 import soundfile as sf
 
 from kimia_edge.cli import main
-from kimia_edge.export.snapshot.make import make_snapshot
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    snap = make_snapshot(root / "snap", "tiny", seed=61)
-    assert main(["export", "--snapshot", str(snap), "--out", str(root / "bundle"), "--precision", "fp32",
-                 "--llm-quants"]) == 0
-    return root / "bundle"
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle
 
 
 def test_chat_writes_speech_and_json(bundle: Path, shared_audio: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
