@@ -2,8 +2,13 @@
 Runtime with the TensorRT EP, the CUDA EP, or the CPU — and reports which one it got. It never falls back
 silently: every fallback is logged with its reason, and ``strict=True`` turns it into an error.
 
-The choice itself (``plan_providers``, ``ort_provider_options``) needs neither a GPU nor TensorRT and is
-unit-tested; running on a GPU is untested here (no GPU on the machines this was written on).
+Engines are built on the device (``kimia-edge engines build``, runtime/engines.py) into ``<cache root>/engines``;
+the factory looks for the one whose key matches the artifact, this TensorRT version and this GPU. ONNX Runtime's
+TensorRT EP keeps its own caches in ``<cache root>/trt-ep``. The cache root is ``cache_dir`` or
+``default_cache_dir()``.
+
+The choice itself (``plan_providers``, ``ort_provider_options``, ``find_engine``) needs neither a GPU nor TensorRT
+and is unit-tested; running on a GPU is untested here (no GPU on the machines this was written on).
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from kimia_edge.runtime import engines
+from kimia_edge.runtime.bundle import default_cache_dir
 from kimia_edge.runtime.spec.manifest import Artifact, ShapeProfile
+from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, onnx_precision
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +32,7 @@ TRT_EP = "TensorrtExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+TRT_EP_SUBDIR = "trt-ep"  # ORT TensorRT EP's engine and timing caches, beside engines/ under the cache root
 
 
 class ProviderUnavailable(RuntimeError):
@@ -33,8 +42,8 @@ class ProviderUnavailable(RuntimeError):
 def plan_providers(device: str, ort_available: Sequence[str], engine_runnable: bool) -> List[str]:
     """Providers to try, best first, for ``device`` given what this machine offers.
 
-    ``ort_available``: ``onnxruntime.get_available_providers()``. ``engine_runnable``: the tensorrt package and a
-    CUDA device are present and the artifact has a prebuilt engine for this GPU.
+    ``ort_available``: ``onnxruntime.get_available_providers()``. ``engine_runnable``: an engine for the artifact,
+    this TensorRT version and this GPU is in the cache (``find_engine``) and tensorrt + cuda-python import.
     Raises ProviderUnavailable if an explicitly requested device cannot be had.
     """
     if device not in DEVICES:
@@ -62,18 +71,22 @@ def trt_shape_string(profiles: Mapping[str, ShapeProfile], which: str) -> str:
 
 
 def ort_provider_options(provider: str, artifact: Artifact, cache_dir: Optional[Path]) -> Dict[str, Any]:
-    """Options for one ORT execution provider, from the artifact's precision and profile shapes."""
+    """Options for one ORT execution provider, from the artifact's precision (its TensorRT builder flags in the
+    precision registry) and profile shapes. ``cache_dir``: the cache root (TensorRT EP caches go to
+    ``<root>/trt-ep``); None: no cache."""
     if provider == TRT_EP:
+        flags = onnx_precision(artifact.precision).tensorrt or ()  # None: TensorRT builds no engine of it, run as is
         opts: Dict[str, Any] = {
-            "trt_fp16_enable": artifact.precision in ("fp16", "int8_qdq"),
-            "trt_int8_enable": artifact.precision == "int8_qdq",  # explicit quantization: scales come from QDQ nodes
+            "trt_fp16_enable": "FP16" in flags,
+            "trt_int8_enable": "INT8" in flags,  # explicit quantization: scales come from QDQ nodes
         }
         if cache_dir is not None:
+            ep_cache = str(Path(cache_dir) / TRT_EP_SUBDIR)
             opts.update({
                 "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache_dir),
+                "trt_engine_cache_path": ep_cache,
                 "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(cache_dir),
+                "trt_timing_cache_path": ep_cache,
             })
         if artifact.profiles:
             for which in ("min", "opt", "max"):
@@ -98,16 +111,34 @@ class Session:
         return self.impl.run(None, dict(feeds))
 
 
-def _engine_runnable(artifact: Artifact, bundle_root: Path) -> bool:
-    engine = artifact.extra.get("tensorrt_engine")
-    if not engine or not (bundle_root / engine).is_file():
-        return False
+def find_engine(artifact: Artifact, cache_root: Optional[Path]) -> Tuple[Optional[Path], str]:
+    """(path, "") of the cached engine of ``artifact`` for this machine's TensorRT version and GPU — the path
+    ``kimia-edge engines build`` writes (default workspace) — or (None, why there is none)."""
+    entry = ONNX_PRECISIONS.get(artifact.precision)
+    if artifact.format != "onnx" or entry is None or entry.tensorrt is None:
+        return None, f"TensorRT builds no engine from a {artifact.format} artifact at {artifact.precision}"
     try:
-        import tensorrt  # noqa: F401
-        from cuda import cudart  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        target = engines.engine_target()
+    except engines.EngineUnavailable as exc:
+        return None, str(exc)
+    path = engines.engine_path(artifact, cache_root, target.tensorrt_version, target.gpu)
+    if not path.is_file():
+        return None, f"no engine at {path} (build it on this device: kimia-edge engines build --bundle DIR)"
+    return path, ""
+
+
+def _runnable_engine(artifact: Artifact, cache_root: Path, device: str) -> Optional[Path]:
+    """The engine to run ``artifact`` with, or None; says why not (a found engine that cannot run: a warning)."""
+    path, why = find_engine(artifact, cache_root)
+    if path is None:
+        log.log(logging.INFO if device == "tensorrt" else logging.DEBUG, "%s: no TensorRT engine: %s", artifact.name, why)
+        return None
+    missing = engines.engine_runtime_missing()
+    if missing:
+        log.warning("%s: engine %s is cached but cannot run here (%s); falling back to ONNX Runtime",
+                    artifact.name, path, missing)
+        return None
+    return path
 
 
 def open_session(
@@ -120,31 +151,42 @@ def open_session(
 ) -> Session:
     """Opens ``artifact`` of the bundle at ``bundle_root`` on the best provider ``device`` allows.
 
-    Logs the provider it got at INFO, and every fallback at WARNING with the reason; with ``strict`` a fallback
-    from the first planned provider raises ProviderUnavailable instead.
+    ``cache_dir``: the cache root (default ``default_cache_dir()``): engines in ``engines/``, the TensorRT EP's
+    caches in ``trt-ep/``. Logs the provider it got at INFO, and every fallback at WARNING with the reason; with
+    ``strict`` a fallback from the first planned provider raises ProviderUnavailable instead.
     """
     import onnxruntime as ort
 
-    plan = plan_providers(device, ort.get_available_providers(), _engine_runnable(artifact, bundle_root))
-    if plan[0] == TRT_ENGINE:
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    engine = _runnable_engine(artifact, cache_root, device) if device in ("auto", "tensorrt") else None
+    plan = plan_providers(device, ort.get_available_providers(), engine is not None)
+    if plan[0] == TRT_ENGINE and engine is not None:
         from kimia_edge.runtime.trt_engine import TrtEngineSession
 
         try:
-            impl = TrtEngineSession(bundle_root / artifact.extra["tensorrt_engine"])
-            log.info("%s: running on a TensorRT engine", artifact.name)
+            impl = TrtEngineSession(engine)
+            log.info("%s: running on the TensorRT engine %s", artifact.name, engine.name)
             return Session(artifact.name, TRT_ENGINE, impl, impl.output_names, impl.input_names)
         except Exception as exc:  # fall through to ORT, loudly
             if strict:
                 raise ProviderUnavailable(f"{artifact.name}: TensorRT engine failed to load: {exc}") from exc
             log.warning("%s: TensorRT engine failed to load (%s); trying %s", artifact.name, exc, plan[1:])
         plan = plan[1:]
+        if not plan:  # device 'tensorrt' without ORT's TensorRT EP: nothing left that honours the request
+            raise ProviderUnavailable(f"{artifact.name}: the TensorRT engine failed to load and ONNX Runtime offers "
+                                      "no TensorRT EP")
 
     so = ort.SessionOptions()
     threads = threads or int(os.environ.get("KIMIA_EDGE_THREADS", "0")) or None
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    providers = [(p, ort_provider_options(p, artifact, cache_dir)) for p in plan]
+    if TRT_EP in plan:
+        try:
+            (cache_root / TRT_EP_SUBDIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # ORT then builds without a cache: slower starts, same results
+            log.warning("%s: TensorRT EP cache folder not writable (%s)", artifact.name, exc)
+    providers = [(p, ort_provider_options(p, artifact, cache_root)) for p in plan]
     impl = ort.InferenceSession(str(bundle_root / artifact.path), sess_options=so, providers=providers)
     got = impl.get_providers()[0]  # what ORT really uses; get_available_providers() lies on CPU-only machines
     if got != plan[0]:

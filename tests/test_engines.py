@@ -1,20 +1,35 @@
 """TensorRT engines built on the target (runtime/engines.py): the cache key and path and the builder flags from the
-precision registry are tested here without TensorRT."""
+precision registry are tested here without TensorRT; building and running an engine needs TensorRT and a GPU and
+skips without them."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from kimia_edge.runtime.engines import (
     DEFAULT_WORKSPACE_BYTES, EngineBuildConfig, EngineUnavailable, GpuIdentity, build_engine, builder_flags,
-    engine_cache_key, engine_path, engine_runtime_missing, engines_dir, onnx_digest,
+    engine_cache_key, engine_path, engine_runtime_missing, engine_target, engines_dir, onnx_digest,
 )
 from kimia_edge.runtime.spec.manifest import Artifact, FileEntry, ShapeProfile
 
 ORIN = GpuIdentity("Orin", "8.7")
 PROF = {"x": ShapeProfile((1, 1), (1, 8), (1, 16))}
+
+
+def _gpu_reason() -> str:
+    try:
+        engine_target()
+    except EngineUnavailable:
+        return "no TensorRT / no GPU on this machine"
+    return ""
+
+
+NO_GPU = _gpu_reason()
 
 
 def _artifact(precision: str = "fp16", files: Optional[Dict[str, str]] = None) -> Artifact:
@@ -81,3 +96,23 @@ def test_building_without_tensorrt_names_what_is_missing(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="int8_dynamic"):  # refused before TensorRT is even looked for
         build_engine(tmp_path, _artifact("int8_dynamic"), tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+# --- GPU ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(bool(NO_GPU), reason=NO_GPU or "-")
+def test_engine_is_built_once_then_cached_and_the_factory_runs_it(tmp_path: Path) -> None:
+    from kimia_edge.runtime.sessions import TRT_ENGINE, open_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n"])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "double", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "double.onnx")
+    art = Artifact("double", "test", "onnx", "fp32", (FileEntry.of(tmp_path, "double.onnx"),), profiles=dict(PROF))
+    path, built = build_engine(tmp_path, art, tmp_path / "cache")
+    assert built and path.is_file()
+    assert build_engine(tmp_path, art, tmp_path / "cache") == (path, False)
+    sess = open_session(tmp_path, art, device="tensorrt", cache_dir=tmp_path / "cache")
+    assert sess.provider == TRT_ENGINE
+    (out,) = sess.run({"x": np.arange(5, dtype=np.float32)[None]})
+    assert out.tolist() == [[0.0, 2.0, 4.0, 6.0, 8.0]]
