@@ -223,3 +223,4 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _runtime_options(tr)
     tr.add_argument("inputs", type=Path, nargs="+")
     tr.set_defaults(handler=_guarded(_transcribe))
+    from kimia_edge.runtime.engines_cli import register as register_engines; register_engines(sub)  # engines build

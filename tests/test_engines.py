@@ -1,6 +1,6 @@
-"""TensorRT engines built on the target (runtime/engines.py): the cache key and path and the builder flags from the
-precision registry are tested here without TensorRT; building and running an engine needs TensorRT and a GPU and
-skips without them."""
+"""TensorRT engines built on the target (runtime/engines.py, `kimia-edge engines build`): the cache key and path,
+the builder flags from the precision registry, the choice of graphs and the verb's refusals are tested here
+without TensorRT; building and running an engine needs TensorRT and a GPU and skips without them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +11,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kimia_edge.cli import main
+from kimia_edge.export.bundle import BundleWriter
 from kimia_edge.runtime.engines import (
-    DEFAULT_WORKSPACE_BYTES, EngineBuildConfig, EngineUnavailable, GpuIdentity, build_engine, builder_flags,
+    DEFAULT_WORKSPACE_BYTES, EngineBuildConfig, EngineTarget, EngineUnavailable, GpuIdentity, build_engine, builder_flags,
     engine_cache_key, engine_path, engine_runtime_missing, engine_target, engines_dir, onnx_digest,
 )
-from kimia_edge.runtime.spec.manifest import Artifact, FileEntry, ShapeProfile
+from kimia_edge.runtime.engines_cli import engine_artifacts
+from kimia_edge.runtime.bundle import read_manifest
+from kimia_edge.runtime.spec.manifest import Artifact, FileEntry, ModelConfig, ShapeProfile
 
 ORIN = GpuIdentity("Orin", "8.7")
 PROF = {"x": ShapeProfile((1, 1), (1, 8), (1, 16))}
@@ -96,6 +100,92 @@ def test_building_without_tensorrt_names_what_is_missing(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="int8_dynamic"):  # refused before TensorRT is even looked for
         build_engine(tmp_path, _artifact("int8_dynamic"), tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+# --- the verb -----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model_config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
+    from kimia_edge.export.exporter import model_config
+    from kimia_edge.export.snapshot.make import make_snapshot
+
+    snap = tmp_path_factory.mktemp("engines_snap") / "tiny"
+    make_snapshot(snap, "tiny", seed=3)
+    return model_config(snap)
+
+
+def _bundle(out: Path, model: ModelConfig, graphs: Dict[str, tuple]) -> Path:
+    """A bundle with placeholder files (nothing here parses them): ``graphs`` {name: precisions}, plus the LLM,
+    codebook and tokenizer every pipeline opens."""
+    with BundleWriter(out, model=model, source={}) as w:
+        for name, precisions in graphs.items():
+            for precision in precisions:
+                w.path(f"{name}.{precision}.onnx").write_bytes(f"{name} {precision}".encode())
+                w.add(name, name, "onnx", precision, [f"{name}.{precision}.onnx"], profiles=PROF)
+        for name, component, fmt, precision, path in [("llm_trunk", "llm", "gguf", "F16", "t.gguf"),
+                                                      ("llm_audio", "llm", "gguf", "F16", "a.gguf"),
+                                                      ("vq_codebook", "vq_encoder", "npy", "fp32", "cb.npy"),
+                                                      ("text_tokenizer", "tokenizer", "files", "-", "tok.model")]:
+            w.path(path).write_bytes(path.encode())
+            w.add(name, component, fmt, precision, [path])
+    return out
+
+
+ALL = {"whisper_encoder": ("fp32", "fp16", "int8_qdq"), "vq_encoder": ("fp32", "fp16"),
+       "dit_step": ("fp32", "fp16", "int8_dynamic"), "vocoder": ("fp32",)}
+
+
+def test_the_verb_builds_what_the_pipeline_opens(tmp_path: Path, model_config: ModelConfig) -> None:
+    manifest = read_manifest(_bundle(tmp_path / "b", model_config, ALL))
+    chosen = {g: a.precision for g, a in engine_artifacts(manifest, "fp16").items()}
+    assert chosen == {"whisper_encoder": "fp16", "vq_encoder": "fp16", "dit_step": "fp16", "vocoder": "fp32"}
+    chosen = {g: a.precision for g, a in engine_artifacts(manifest, "int8_qdq", text_only=True).items()}
+    assert chosen == {"whisper_encoder": "int8_qdq", "vq_encoder": "fp32"}  # the VQ graph never opens int8
+    with pytest.raises(ValueError, match="dit_step: TensorRT cannot build an engine from the int8_dynamic"):
+        engine_artifacts(manifest, "fp16,dit_step=int8_dynamic")
+    text_only = read_manifest(_bundle(tmp_path / "t", model_config,
+                                      {k: v for k, v in ALL.items() if k in ("whisper_encoder", "vq_encoder")}))
+    assert set(engine_artifacts(text_only, "fp16")) == {"whisper_encoder", "vq_encoder"}
+
+
+@pytest.mark.skipif(not NO_GPU, reason="TensorRT and a GPU are here: the GPU test builds for real")
+def test_the_verb_without_tensorrt_prints_one_line_and_exits_2(tmp_path: Path, model_config: ModelConfig,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    bundle = _bundle(tmp_path / "b", model_config, ALL)
+    cache = tmp_path / "cache"
+    rc = main(["engines", "build", "--bundle", str(bundle), "--cache-dir", str(cache)])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("error: cannot build TensorRT engines here: ")
+    assert ("TensorRT is not installed" in err) or ("cuda-python is not installed" in err) or ("no CUDA GPU" in err)
+    assert not (cache / "engines").exists()
+
+
+def test_the_verb_reports_cached_engines_where_the_session_factory_looks(
+        tmp_path: Path, model_config: ModelConfig, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a (pretended) TensorRT 10.3 on an Orin, engines placed at the factory's path are reported as cached;
+    the one missing would need TensorRT to build and is reported as failed (exit 1), the others still listed."""
+    from kimia_edge.runtime import engines
+    from kimia_edge.runtime.sessions import find_engine
+
+    bundle = _bundle(tmp_path / "b", model_config, ALL)
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(engines, "engine_target", lambda: EngineTarget("10.3.0", ORIN))
+    graphs = engine_artifacts(read_manifest(bundle), "fp16")
+    placed = {}
+    for graph in ("whisper_encoder", "vq_encoder", "dit_step"):
+        placed[graph] = engine_path(graphs[graph], cache, "10.3.0", ORIN)
+        placed[graph].parent.mkdir(parents=True, exist_ok=True)
+        placed[graph].write_bytes(b"engine")
+        assert find_engine(graphs[graph], cache) == (placed[graph], "")
+    rc = main(["engines", "build", "--bundle", str(bundle), "--cache-dir", str(cache)])
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert rc == 1 and out.splitlines()[0].startswith("TensorRT 10.3.0 on Orin (compute 8.7); engines in ")
+    assert out.splitlines()[1].split() == ["graph", "precision", "engine", "file", "status"]
+    assert rows[:3] == [[g, "fp16", placed[g].name, "cached"] for g in ("whisper_encoder", "vq_encoder", "dit_step")]
+    assert rows[3] == ["vocoder", "fp32", "-", "FAILED"] and "error: vocoder:" in err
 
 
 # --- GPU ----------------------------------------------------------------------------------------------------------
