@@ -69,7 +69,7 @@ def _structure_problems(manifest: Manifest) -> List[str]:
 def stamp_path(root: Path, cache_dir: Optional[Path] = None) -> Path:
     """Where the verification stamp of the bundle at ``root`` is kept (one file per resolved bundle path)."""
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:24]
-    return (cache_dir or default_cache_dir()) / "verified" / f"{key}.json"
+    return Path(cache_dir or default_cache_dir()) / "verified" / f"{key}.json"
 
 
 def _read_stamp(path: Path) -> Dict[str, List]:

@@ -67,6 +67,10 @@ class PipelineOptions:
     text_only: bool = False
     cache_dir: Optional[Path] = None
 
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
     def validate(self) -> None:
         """Raises ValueError naming the option that is wrong."""
         if self.device not in DEVICES:

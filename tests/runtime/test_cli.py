@@ -2,6 +2,7 @@
 names what was wrong."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -92,3 +93,24 @@ def test_unopenable_speaker_is_refused(bundle: Path, shared_audio: Path, capsys:
         pytest.skip("this machine has a sound device: the no-device error cannot be provoked")
     assert main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--speaker"]) == 2
     assert "cannot open the speaker" in capsys.readouterr().err
+
+
+def test_help_selfcheck_and_verify_work(bundle: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "transcribe" in capsys.readouterr().out
+    assert main(["selfcheck"]) in (0, 1)  # 1 only where this machine lacks PortAudio; the lines say which
+    out = capsys.readouterr().out
+    assert "native rings   ok" in out and "onnxruntime    ok" in out and "llama.cpp      ok" in out
+    assert main(["bundle", "verify", str(bundle)]) == 0
+    assert "ok:" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None,
+                    reason="torch is installed here: this checks the runtime-only install (CI's second venv)")
+@pytest.mark.parametrize("argv", [["export", "--snapshot", "s", "--out", "o"], ["snapshot", "make", "--out", "o"],
+                                  ["reference", "run", "--snapshot", "s", "--input", "x.wav"]])
+def test_build_verbs_name_the_missing_extra_in_one_line(argv: list, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'kimia-edge[build]'" in err[0] and "torch" in err[0]
