@@ -28,7 +28,7 @@ from kimia_edge.runtime.frontend import check_audible, to_16k_mono
 from kimia_edge.runtime.generation import GenerationConfig
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.metrics import RunMetrics
-from kimia_edge.runtime.prompt import AudioEncoding, build_prompt
+from kimia_edge.runtime.prompt import AudioEncoding, Prompt, build_prompt
 from kimia_edge.runtime.sessions import DEVICES
 from kimia_edge.runtime.special_tokens import SpecialTokens
 from kimia_edge.runtime.spec.graphs import (GRAPHS, LLM_ADAPTOR, LLM_AUDIO, LLM_TRUNK, RUNTIME_GRAPHS,
@@ -221,6 +221,27 @@ def _no_speech_output(noise: NoiseSource) -> StreamingDetokenizer:
                      f"{tuple(t for t, v in TASK_TABLE.items() if v.output_type == 'text')}, not speech output")
 
 
+def turn_noise(seed: Optional[int]) -> np.random.Generator:
+    """The detokenizer's noise for a turn sampled with ``seed`` (None: fresh entropy). Offset by one so that the
+    noise is not the sampler's own stream."""
+    return np.random.default_rng(None if seed is None else seed + 1)
+
+
+def build_turn_prompt(c: Components, task: str, clip_16k: np.ndarray, history: List[Dict[str, Any]],
+                      output_type: str) -> Prompt:
+    """The prompt of one turn of ``task`` on ``clip_16k`` [S] (16 kHz mono) after ``history``; every audio message is
+    encoded once (the same clip object twice in the messages is encoded once)."""
+    encoded: Dict[int, AudioEncoding] = {}
+
+    def tokenize_audio(content: Any) -> AudioEncoding:
+        if id(content) not in encoded:
+            encoded[id(content)] = c.encode_audio(np.asarray(content, dtype=np.float32))
+        return encoded[id(content)]
+
+    return build_prompt(task_messages(task, clip_16k, history), output_type, c.tokens, c.token_offset,
+                        c.text_tokenizer.encode, tokenize_audio)
+
+
 class Pipeline:
     """The loaded networks of one bundle (or of the reference), shared by every conversation."""
 
@@ -273,17 +294,8 @@ class Conversation:
         config = config or generation_config(task, seed)
         with self.pipeline._turn_lock:
             start = time.perf_counter()
-            noise = np.random.default_rng(None if seed is None else seed + 1)
-            detokenizer = c.make_detokenizer(noise) if config.output_type == "both" else None  # before any work
-            encoded: Dict[int, AudioEncoding] = {}
-
-            def tokenize_audio(content: Any) -> AudioEncoding:
-                if id(content) not in encoded:
-                    encoded[id(content)] = c.encode_audio(np.asarray(content, dtype=np.float32))
-                return encoded[id(content)]
-
-            prompt = build_prompt(task_messages(task, clip, self.history), config.output_type, c.tokens,
-                                  c.token_offset, c.text_tokenizer.encode, tokenize_audio)
+            detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
+            prompt = build_turn_prompt(c, task, clip, self.history, config.output_type)
             encode_s = time.perf_counter() - start
             streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
                                       c.text_tokenizer.decode_bytes, detokenizer)

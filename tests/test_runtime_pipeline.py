@@ -10,7 +10,7 @@ from scipy.signal import resample_poly
 
 from kimia_edge.export.reference.pipeline import GoldenPipeline
 from kimia_edge.runtime.frontend import load_audio, to_16k_mono
-from kimia_edge.runtime.pipeline import Components, Pipeline
+from kimia_edge.runtime.pipeline import Pipeline
 from kimia_edge.runtime.tasks import generation_config
 
 
@@ -21,9 +21,7 @@ def golden(tiny_snapshot: Path) -> GoldenPipeline:
 
 @pytest.fixture(scope="module")
 def pipeline(golden: GoldenPipeline) -> Pipeline:
-    return Pipeline(Components(golden.encode_audio, golden.backend, golden.detokenizer, golden.tokens,
-                               golden.text_tokenizer, golden.token_offset, golden.sample_rate_hz,
-                               providers={"llm": "torch reference"}))
+    return Pipeline(golden.components())
 
 
 @pytest.fixture(scope="module")

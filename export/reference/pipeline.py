@@ -27,9 +27,10 @@ from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
 from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, generate
-from kimia_edge.runtime.prompt import AudioEncoding, build_prompt
+from kimia_edge.runtime.pipeline import Components, build_turn_prompt, turn_noise
+from kimia_edge.runtime.prompt import AudioEncoding
 from kimia_edge.runtime.special_tokens import SpecialTokens
-from kimia_edge.runtime.tasks import TASK_TABLE, generation_config, task_messages
+from kimia_edge.runtime.tasks import TASK_TABLE, generation_config
 from kimia_edge.runtime.text_tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -108,28 +109,25 @@ class GoldenPipeline:
         pieces += [c.wav for c in det.finish()]
         return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
 
+    def components(self) -> Components:
+        """The reference networks as the runtime Pipeline takes them (the golden pipeline is this factory plus a
+        sequential driver of the same prompt, loop and detokenizer)."""
+        return Components(self.encode_audio, self.backend, self.detokenizer, self.tokens, self.text_tokenizer,
+                          self.token_offset, self.sample_rate_hz, providers={"llm": "torch reference"})
+
     def run(self, task: str, samples_16k: np.ndarray, *, seed: Optional[int] = None,
             config: Optional[GenerationConfig] = None, history: Sequence[Dict[str, Any]] = (),
             on_step: Optional[Callable[[GenerationStep], None]] = None) -> ReferenceResult:
-        """One turn of ``task`` ("asr", "qa", "chat") on the user clip ``samples_16k`` after ``history``."""
+        """One turn of ``task`` ("asr", "qa", "chat") on the user clip ``samples_16k`` after ``history``, run
+        sequentially: the whole generation loop, then the whole synthesis (the runtime overlaps them on threads)."""
         config = config or generation_config(task, seed)
-        audio_cache: Dict[int, AudioEncoding] = {}
-
-        def tokenize_audio(content: Any) -> AudioEncoding:
-            key = id(content)
-            if key not in audio_cache:
-                audio_cache[key] = self.encode_audio(np.asarray(content, dtype=np.float32))
-            return audio_cache[key]
-
-        prompt = build_prompt(task_messages(task, samples_16k, history), TASK_TABLE[task].output_type, self.tokens,
-                              self.token_offset, self.text_tokenizer.encode, tokenize_audio)
+        prompt = build_turn_prompt(self.components(), task, samples_16k, list(history), TASK_TABLE[task].output_type)
         with torch.inference_mode():
             result = generate(self.backend, prompt, self.tokens, self.token_offset, config,
                               decode_text=lambda ids: self.text_tokenizer.decode(ids, skip_unknown=True), on_step=on_step)
         wav = np.zeros(0, dtype=np.float32)
         if TASK_TABLE[task].output_type == "both" and len(result.audio_tokens):
-            noise = np.random.default_rng(None if seed is None else seed + 1)
-            wav = self.synthesize(result.audio_tokens, noise)
+            wav = self.synthesize(result.audio_tokens, turn_noise(seed))
         log.info("%s: %d steps (%s), %d text ids, %d audio tokens", task, result.steps, result.stop,
                  len(result.text_ids), len(result.audio_tokens))
         return ReferenceResult(result.text or "", result.text_ids, result.audio_tokens, wav, self.sample_rate_hz,
