@@ -91,7 +91,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from kimia_edge.export.snapshot.make import COMPONENTS, SIZES
+    from kimia_edge.export.snapshot.make import COMPONENTS
+    from kimia_edge.export.snapshot.presets import SIZES
 
     snap = sub.add_parser("snapshot", help="write random-weight snapshots in the official layout")
     snap_sub = snap.add_subparsers(dest="snapshot_command", metavar="ACTION")

@@ -2,6 +2,9 @@
 readers users use, and the components agree on the numbers they share."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder, read_whis
 from kimia_edge.export.snapshot.detokenizer import read_detokenizer
 from kimia_edge.export.snapshot.llm import read_llm
 from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR, folder_bytes, make_snapshot
+from kimia_edge.export.snapshot.presets import SIZES, preset
 from kimia_edge.export.snapshot.vocoder import read_vocoder
 
 
@@ -34,7 +38,7 @@ def test_tiny_is_small_and_components_agree(tiny: Path) -> None:
     assert voc_cfg.num_mels == dit_cfg.input_size and voc_cfg.hop_size == 480  # 50 Hz mel -> 24 kHz
 
 
-@pytest.mark.parametrize("size", ["tiny", "small", "full"])
+@pytest.mark.parametrize("size", SIZES)
 def test_every_size_is_consistent_across_components(size: str) -> None:
     """Checked on the configs each writer would write (no weights): a mismatch here breaks the whole chain."""
     from kimia_edge.export.snapshot.audio_encoders import vq_config_for_size, whisper_config_for_size
@@ -76,3 +80,48 @@ def test_interrupted_make_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(OSError, match="disk full"):
         make_snapshot(tmp_path / "snap", "tiny", 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_writer_takes_its_sizes_from_the_one_preset_list() -> None:
+    from kimia_edge.export.snapshot.audio_encoders import vq_config_for_size, whisper_config_for_size
+    from kimia_edge.export.snapshot.detokenizer import dit_config_for_size
+    from kimia_edge.export.snapshot.llm import _SIZES, write_llm
+    from kimia_edge.export.snapshot.vocoder import vocoder_config_for_size
+
+    assert SIZES == ("tiny", "small", "full") and set(_SIZES) == set(SIZES)
+    for config_for_size in (whisper_config_for_size, vq_config_for_size, dit_config_for_size, vocoder_config_for_size):
+        with pytest.raises(ValueError, match=r"size: expected one of \('tiny', 'small', 'full'\), got 'huge'"):
+            config_for_size("huge")
+    with pytest.raises(ValueError, match="size: expected one of"):
+        write_llm(Path("never-written"), "huge", 0)
+    with pytest.raises(ValueError, match="size: expected one of"):
+        make_snapshot(Path("never-written"), "huge", 0)
+    with pytest.raises(ValueError, match="expected keys"):
+        preset("tiny", {"tiny": 1, "full": 3})  # a table that forgot a size
+
+
+def test_cli_size_choices_come_from_the_presets_without_torch() -> None:
+    """``kimia-edge snapshot make --size`` is registered on a runtime-only install: torch blocked."""
+    script = textwrap.dedent(
+        """
+        import argparse, sys
+
+        class Forbid:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("build time only: " + name)
+                return None
+
+        sys.meta_path.insert(0, Forbid())
+        from kimia_edge.export import cli
+        parser = argparse.ArgumentParser()
+        cli.register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["snapshot", "make", "--out", "x", "--size", "small"])
+        choices = [a.choices for a in parser._subparsers._group_actions[0].choices["snapshot"]
+                   ._subparsers._group_actions[0].choices["make"]._actions if a.dest == "size"][0]
+        print(args.size, *choices)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["small", *SIZES]

@@ -28,6 +28,7 @@ from safetensors import safe_open
 
 from kimia_edge.export.reference.glm_vq import WhisperVQEncoder
 from kimia_edge.export.reference.whisper_encoder import WhisperEncoder
+from kimia_edge.export.snapshot.presets import preset
 from kimia_edge.runtime.audio_encoder_config import (
     CONFIG_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -47,14 +48,12 @@ __all__ = [
     "vq_tensor_specs",
     "SafetensorsDict",
     "WHISPER_DIR",
-    "SIZES",
 ]
 
 WHISPER_DIR = "whisper-large-v3"               # sub-folder of the Kimi snapshot (reference doc §4)
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-SIZES = ("tiny", "small", "full")
 _WHISPER_ENCODER_PREFIX = "model.encoder."     # WhisperForConditionalGeneration layout (official file)
 _WHISPER_DECODER_PREFIX = "model.decoder."
 _CONV_KERNEL = 3
@@ -96,11 +95,6 @@ _NORM_WEIGHT_JITTER = 0.1      # LayerNorm weight ~ U(1 - j, 1 + j)
 _POSITION_STD = 0.5            # learned position tables
 _TOKEN_EMBED_STD = 0.02        # decoder token embedding (unused by Kimi)
 _CODEBOOK_STD = 0.5            # codebook rows, comparable to the pre-VQ activations (std ~0.6 on "small")
-
-
-def _check_size(size: str) -> None:
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
 
 
 # ---- lazy safetensors mapping ---------------------------------------------------------------------------------------
@@ -233,8 +227,7 @@ def _random_value(key: str, shape: Tuple[int, ...], gen: torch.Generator, residu
 # ---- Whisper ----------------------------------------------------------------------------------------------------------
 def whisper_config_for_size(size: str) -> dict:
     """The ``config.json`` written for ``size`` (HF ``WhisperConfig`` fields)."""
-    _check_size(size)
-    dims = {"tiny": _WHISPER_TINY, "small": _WHISPER_SMALL, "full": _WHISPER_FULL}[size]
+    dims = preset(size, {"tiny": _WHISPER_TINY, "small": _WHISPER_SMALL, "full": _WHISPER_FULL})
     cfg = dict(_WHISPER_COMMON, **dims)
     cfg.update(architectures=["WhisperForConditionalGeneration"], model_type="whisper", is_encoder_decoder=True,
                torch_dtype="float16", num_hidden_layers=cfg["encoder_layers"], dropout=0.0, attention_dropout=0.0,
@@ -296,8 +289,7 @@ def write_whisper_encoder(snapshot_dir: Path, size: str, seed: int) -> None:
 # ---- GLM-4-Voice VQ encoder -----------------------------------------------------------------------------------------
 def vq_config_for_size(size: str) -> dict:
     """The ``config.json`` written for ``size`` (``WhisperVQConfig`` fields)."""
-    _check_size(size)
-    dims = {"tiny": _VQ_TINY, "small": _VQ_SMALL, "full": _VQ_FULL}[size]
+    dims = preset(size, {"tiny": _VQ_TINY, "small": _VQ_SMALL, "full": _VQ_FULL})
     cfg = dict(_VQ_COMMON, **dims, **_VQ_TRAINING_FIELDS)
     cfg.update(architectures=["WhisperVQEncoder"], model_type="whisper", torch_dtype="float32",
                num_hidden_layers=cfg["encoder_layers"], dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,

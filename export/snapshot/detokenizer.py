@@ -19,18 +19,18 @@ import torch
 import yaml
 
 from kimia_edge.export.reference.dit import build_dit
+from kimia_edge.export.snapshot.presets import preset
 from kimia_edge.runtime.dit_config import DitConfig
 from kimia_edge.export.fileio import atomic_write
 
 __all__ = ["read_detokenizer", "write_detokenizer", "dit_config_for_size", "random_tensors", "DETOKENIZER_DIR",
-           "SPEECH_MODEL_PREFIX", "SIZES"]
+           "SPEECH_MODEL_PREFIX"]
 
 DETOKENIZER_DIR = "audio_detokenizer"   # sub-folder of the HF snapshot (reference doc §4)
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.pt"
 STATE_DICT_KEY = "state_dict"           # torch.load(model.pt)["state_dict"] (semantic_fm_prefix_streaming.py)
 SPEECH_MODEL_PREFIX = "speech_model."   # DiT entries of the training checkpoint
-SIZES = ("tiny", "small", "full")
 
 # ---- size presets -------------------------------------------------------------------------------------------------
 # full: reference doc §3.1 (OMNI-3P shapes: hidden 2304, depth 16, heads 18, vocab 16384 (+1), fc1 [9216, 2304]).
@@ -62,10 +62,7 @@ _MMAP_THRESHOLD_BYTES = 1 << 30
 
 def dit_config_for_size(size: str) -> DitConfig:
     """The configuration written for ``size`` in ("tiny", "small", "full")."""
-    presets = {"tiny": _TINY, "small": _SMALL, "full": _FULL}
-    if size not in presets:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
-    cfg = DitConfig(**_COMMON, **presets[size])
+    cfg = DitConfig(**_COMMON, **preset(size, {"tiny": _TINY, "small": _SMALL, "full": _FULL}))
     cfg.validate()
     return cfg
 

@@ -36,15 +36,15 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from kimia_edge.export.snapshot.presets import preset
 from kimia_edge.runtime.llm_config import CONFIG_FILE, KimiaConfig
 from kimia_edge.runtime.special_tokens import SPECIAL_TOKENS_MAP_FILE, TOKEN_NAMES, TOKENIZER_CONFIG_FILE, SpecialTokens
 from kimia_edge.runtime.text_tokenizer import TIKTOKEN_FILE, format_tiktoken_ranks
 
-__all__ = ["read_llm", "write_llm", "LazyStateDict", "SIZES", "INDEX_FILE", "llm_tensor_specs"]
+__all__ = ["read_llm", "write_llm", "LazyStateDict", "INDEX_FILE", "llm_tensor_specs"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SIZES = ("tiny", "small", "full")
 
 # Official text base vocabulary and special range (reference §1.3): specials 151 643 … 152 063, audio from 152 064.
 NUM_BASE_TOKENS = 151643
@@ -303,11 +303,9 @@ def _write_shard(path: Path, specs: List[Tuple[int, _Spec]], cfg: KimiaConfig, s
 
 def write_llm(folder: Path, size: str, seed: int) -> None:
     """Writes a random-weight LLM snapshot of ``size`` ("tiny", "small", "full") into ``folder``."""
-    if size not in _SIZES:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    s = preset(size, _SIZES)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    s = _SIZES[size]
     raw_cfg = _config_dict(s)
     cfg = KimiaConfig.from_dict(raw_cfg)
     (folder / CONFIG_FILE).write_text(json.dumps(raw_cfg, indent=2) + "\n", encoding="utf-8")

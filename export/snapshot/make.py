@@ -15,7 +15,8 @@ from typing import Callable, Dict, Iterable, Optional
 
 from tqdm import tqdm
 
-SIZES = ("tiny", "small", "full")
+from kimia_edge.export.snapshot.presets import check_size
+
 GLM_TOKENIZER_SUBDIR = "glm-4-voice-tokenizer"
 
 
@@ -38,13 +39,12 @@ COMPONENTS = ("llm", "whisper", "glm_tokenizer", "detokenizer", "vocoder")
 
 
 def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable[str]] = None) -> Path:
-    """Writes a snapshot of ``size`` (tiny | small | full) at ``out``; returns ``out``.
+    """Writes a snapshot of ``size`` (one of ``presets.SIZES``) at ``out``; returns ``out``.
 
     ``components`` limits what is written (default: all of ``COMPONENTS``). Each component gets its own seed
     derived from ``seed``, so writing a subset gives the same tensors as writing everything.
     """
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    check_size(size)
     chosen = list(components) if components else list(COMPONENTS)
     unknown = sorted(set(chosen) - set(COMPONENTS))
     if unknown:

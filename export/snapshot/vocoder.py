@@ -16,16 +16,16 @@ from typing import Dict, Tuple
 import torch
 
 from kimia_edge.export.reference.bigvgan import anti_alias_filter, build_bigvgan
+from kimia_edge.export.snapshot.presets import preset
 from kimia_edge.runtime.vocoder_config import VocoderConfig
 from kimia_edge.export.fileio import atomic_write
 
-__all__ = ["read_vocoder", "write_vocoder", "random_state_dict", "vocoder_config_for_size", "VOCODER_DIR", "SIZES"]
+__all__ = ["read_vocoder", "write_vocoder", "random_state_dict", "vocoder_config_for_size", "VOCODER_DIR"]
 
 VOCODER_DIR = "vocoder"          # sub-folder of the HF snapshot (reference doc §4)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.pt"
 GENERATOR_KEY = "generator"      # top-level key of model.pt (bigvgan_wrapper.py: state_dict_g["generator"])
-SIZES = ("tiny", "small", "full")
 
 # ---- size presets -------------------------------------------------------------------------------------------------
 # full: reference doc §3.4 (values OMNI-3P / INFERRED from the 964.9 MB file; config.json itself is UNKNOWN, §6.5).
@@ -61,14 +61,11 @@ _LOG_SNAKE_STD = 0.3       # log alpha, log beta ~ N(0, 0.3^2)
 
 def vocoder_config_for_size(size: str) -> VocoderConfig:
     """The configuration written for ``size`` in ("tiny", "small", "full")."""
-    if size == "full":
-        rates, kernels, channels = _FULL_UPSAMPLE_RATES, _FULL_UPSAMPLE_KERNEL_SIZES, _FULL_UPSAMPLE_INITIAL_CHANNEL
-    elif size == "small":
-        rates, kernels, channels = _FULL_UPSAMPLE_RATES, _FULL_UPSAMPLE_KERNEL_SIZES, _SMALL_UPSAMPLE_INITIAL_CHANNEL
-    elif size == "tiny":
-        rates, kernels, channels = _TINY_UPSAMPLE_RATES, _TINY_UPSAMPLE_KERNEL_SIZES, _TINY_UPSAMPLE_INITIAL_CHANNEL
-    else:
-        raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    rates, kernels, channels = preset(size, {
+        "full": (_FULL_UPSAMPLE_RATES, _FULL_UPSAMPLE_KERNEL_SIZES, _FULL_UPSAMPLE_INITIAL_CHANNEL),
+        "small": (_FULL_UPSAMPLE_RATES, _FULL_UPSAMPLE_KERNEL_SIZES, _SMALL_UPSAMPLE_INITIAL_CHANNEL),
+        "tiny": (_TINY_UPSAMPLE_RATES, _TINY_UPSAMPLE_KERNEL_SIZES, _TINY_UPSAMPLE_INITIAL_CHANNEL),
+    })
     cfg = VocoderConfig(
         resblock=_RESBLOCK,
         upsample_rates=rates,
