@@ -12,7 +12,8 @@ import torch
 from kimia_edge.export.checkpoint import CheckpointError, load_strict
 from kimia_edge.export.reference.llm import (IGNORED_CHECKPOINT_KEYS, MoonshotKimia, continuous_feature_scale,
                                              rope_cos_sin)
-from kimia_edge.export.snapshot.llm import INDEX_FILE, read_llm, write_llm
+from kimia_edge.export.snapshot.llm import read_llm, write_llm
+from kimia_edge.export.snapshot.weights import INDEX_FILE
 from kimia_edge.runtime.llm_config import KimiaConfig
 from kimia_edge.runtime.special_tokens import SpecialTokens
 from kimia_edge.runtime.text_tokenizer import TextTokenizer

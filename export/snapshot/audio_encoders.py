@@ -9,8 +9,8 @@
   (``WhisperVQConfig``), ``preprocessor_config.json`` and an fp32 ``model.safetensors`` with bare keys
   (``conv1.*``, ``layers.{i}.*``, ``codebook.weight``, ``embed_positions2.weight``, ``ema_count``, ``ema_weight``).
 
-Readers return ``(config, state_dict)`` where the state dict is a lazy read-only mapping over the safetensors files
-(tensors are read when accessed). Writers stream tensor by tensor into a safetensors file (constant memory: one
+Readers return ``(config, state_dict)`` where the state dict is the lazy read-only mapping of
+``export/snapshot/weights.py`` (tensors are read when accessed). Writers stream tensor by tensor into a safetensors file (constant memory: one
 tensor at a time), deterministic by seed.
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
 
 from kimia_edge.export.reference.glm_vq import WhisperVQEncoder
 from kimia_edge.export.reference.whisper_encoder import WhisperEncoder
 from kimia_edge.export.snapshot.presets import preset
+from kimia_edge.export.snapshot.weights import WEIGHTS_FILE, open_weights
 from kimia_edge.runtime.audio_encoder_config import (
     CONFIG_FILE,
     PREPROCESSOR_CONFIG_FILE,
@@ -46,13 +46,10 @@ __all__ = [
     "vq_config_for_size",
     "whisper_tensor_specs",
     "vq_tensor_specs",
-    "SafetensorsDict",
     "WHISPER_DIR",
 ]
 
 WHISPER_DIR = "whisper-large-v3"               # sub-folder of the Kimi snapshot (reference doc §4)
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 _WHISPER_ENCODER_PREFIX = "model.encoder."     # WhisperForConditionalGeneration layout (official file)
 _WHISPER_DECODER_PREFIX = "model.decoder."
@@ -97,48 +94,6 @@ _TOKEN_EMBED_STD = 0.02        # decoder token embedding (unused by Kimi)
 _CODEBOOK_STD = 0.5            # codebook rows, comparable to the pre-VQ activations (std ~0.6 on "small")
 
 
-# ---- lazy safetensors mapping ---------------------------------------------------------------------------------------
-class SafetensorsDict(Mapping):
-    """Read-only ``{key: tensor}`` over one or more safetensors files; a tensor is read when it is accessed."""
-
-    def __init__(self, files: Sequence[Path]) -> None:
-        self._handles = []
-        self._where: Dict[str, int] = {}
-        for path in files:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-            self._handles.append(handle)
-            for key in handle.keys():
-                if key in self._where:
-                    raise ValueError(f"{path}: tensor {key!r} also stored in another shard")
-                self._where[key] = len(self._handles) - 1
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-
-def _weight_files(folder: Path) -> List[Path]:
-    single, index = folder / WEIGHTS_FILE, folder / WEIGHTS_INDEX_FILE
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        with index.open("r", encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: expected a non-empty 'weight_map'")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [str(p) for p in files if not p.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index}: shard(s) not found: {missing}")
-        return files
-    raise FileNotFoundError(f"expected {single} (or {index}), not found")
-
-
 # ---- readers --------------------------------------------------------------------------------------------------------
 def read_whisper_encoder(snapshot_dir: Path) -> Tuple[WhisperEncoderConfig, Mapping[str, torch.Tensor]]:
     """Reads ``<snapshot_dir>/whisper-large-v3/{config.json, model.safetensors}``. The state dict holds the file's
@@ -147,7 +102,7 @@ def read_whisper_encoder(snapshot_dir: Path) -> Tuple[WhisperEncoderConfig, Mapp
     if not folder.is_dir():
         raise FileNotFoundError(f"whisper snapshot: expected folder {folder}, not found")
     cfg = WhisperEncoderConfig.from_json(folder / CONFIG_FILE)
-    return cfg, SafetensorsDict(_weight_files(folder))
+    return cfg, open_weights(folder)
 
 
 def read_vq_encoder(tokenizer_dir: Path) -> Tuple[VQEncoderConfig, Mapping[str, torch.Tensor]]:
@@ -157,7 +112,7 @@ def read_vq_encoder(tokenizer_dir: Path) -> Tuple[VQEncoderConfig, Mapping[str, 
     if not folder.is_dir():
         raise FileNotFoundError(f"GLM-4-Voice tokenizer: expected folder {folder}, not found")
     cfg = VQEncoderConfig.from_folder(folder)
-    return cfg, SafetensorsDict(_weight_files(folder))
+    return cfg, open_weights(folder)
 
 
 # ---- streaming safetensors writer -----------------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """Snapshot I/O for the Kimi-Audio LLM (HF `moonshotai/Kimi-Audio-7B-Instruct` layout, reference §2.4, §4).
 
 Reader: `read_llm(folder) -> (KimiaConfig, state_dict)` — config.json, then the sharded safetensors listed by
-`model.safetensors.index.json` (or a single `model.safetensors`), opened lazily with `safetensors.safe_open`;
-every index entry must be in its shard and every shard key in the index (strict names). The returned mapping
-loads a tensor when it is read. Stored `*.rotary_emb.inv_freq` entries are returned too; the model loader ignores
+`model.safetensors.index.json` (or a single `model.safetensors`) as a lazy mapping (export/snapshot/weights.py:
+every index entry must be in its shard and every shard key in the index; a tensor is loaded when it is read). Stored `*.rotary_emb.inv_freq` entries are returned too; the model loader ignores
 them explicitly.
 
 Writer: `write_llm(folder, size, seed)` — random bf16 weights in the official layout: config.json with every field
@@ -30,21 +29,18 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
-from safetensors import safe_open
 
 from kimia_edge.export.snapshot.presets import preset
+from kimia_edge.export.snapshot.weights import INDEX_FILE, LazyStateDict, open_weights
 from kimia_edge.runtime.llm_config import CONFIG_FILE, KimiaConfig
 from kimia_edge.runtime.special_tokens import SPECIAL_TOKENS_MAP_FILE, TOKEN_NAMES, TOKENIZER_CONFIG_FILE, SpecialTokens
 from kimia_edge.runtime.text_tokenizer import TIKTOKEN_FILE, format_tiktoken_ranks
 
-__all__ = ["read_llm", "write_llm", "LazyStateDict", "INDEX_FILE", "llm_tensor_specs"]
+__all__ = ["read_llm", "write_llm", "llm_tensor_specs"]
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 # Official text base vocabulary and special range (reference §1.3): specials 151 643 … 152 063, audio from 152 064.
 NUM_BASE_TOKENS = 151643
@@ -56,61 +52,12 @@ GENERATED_BPE_MERGES = 300
 
 
 # ----------------------------------------------------------------------------------------------------- reader
-class LazyStateDict(Mapping[str, torch.Tensor]):
-    """key -> tensor, read from its shard on access (shards opened once)."""
-
-    def __init__(self, folder: Path, weight_map: Mapping[str, str]) -> None:
-        self._folder = Path(folder)
-        self._map = dict(weight_map)
-        self._handles: Dict[str, object] = {}
-
-    def _handle(self, shard: str):
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self._folder / shard), framework="pt")
-        return self._handles[shard]
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._handle(self._map[key]).get_tensor(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._map)
-
-    def __len__(self) -> int:
-        return len(self._map)
-
-    def shape(self, key: str) -> Tuple[int, ...]:
-        """Shape without reading the data."""
-        return tuple(self._handle(self._map[key]).get_slice(key).get_shape())
-
-
 def read_llm(folder: Path) -> Tuple[KimiaConfig, LazyStateDict]:
-    """Reads config.json and the (sharded) safetensors of an HF Kimi-Audio snapshot folder."""
+    """Reads config.json and the (sharded) safetensors of an HF Kimi-Audio snapshot folder (lazy, index checked
+    strictly against the shards: ``export.snapshot.weights.open_weights``)."""
     folder = Path(folder)
     cfg = KimiaConfig.from_snapshot(folder)
-    index_path = folder / INDEX_FILE
-    if index_path.exists():
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path}: expected a non-empty 'weight_map'")
-    elif (folder / SINGLE_FILE).exists():
-        with safe_open(str(folder / SINGLE_FILE), framework="pt") as f:
-            weight_map = {k: SINGLE_FILE for k in f.keys()}
-    else:
-        raise FileNotFoundError(f"{folder}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-    by_shard: Dict[str, set] = collections.defaultdict(set)
-    for key, shard in weight_map.items():
-        by_shard[shard].add(key)
-    for shard, keys in sorted(by_shard.items()):
-        path = folder / shard
-        if not path.exists():
-            raise FileNotFoundError(f"{index_path}: shard {shard} listed but missing")
-        with safe_open(str(path), framework="pt") as f:
-            present = set(f.keys())
-        if keys - present:
-            raise ValueError(f"{path}: index lists keys absent from the shard: {sorted(keys - present)[:8]}")
-        if present - keys:
-            raise ValueError(f"{path}: shard holds keys the index does not list: {sorted(present - keys)[:8]}")
-    return cfg, LazyStateDict(folder, weight_map)
+    return cfg, open_weights(folder)
 
 
 # ----------------------------------------------------------------------------------------------------- writer
