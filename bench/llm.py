@@ -181,11 +181,11 @@ def torch_speeds(snapshot: Path, threads: int, prompt: int, steps: int) -> Dict[
     """TorchLLMBackend fp32 eager: prefill tokens/s and full decode steps/s (both heads + greedy sampling)."""
     import torch
 
-    from kimia_edge.export.reference.llm import MoonshotKimia
+    from kimia_edge.export.reference.loaders import load_llm
     from kimia_edge.export.reference.llm_backend import TorchLLMBackend
 
     torch.set_num_threads(threads)
-    model = MoonshotKimia.from_snapshot(snapshot, dtype=torch.float32)
+    model = load_llm(snapshot, dtype=torch.float32)
     be = TorchLLMBackend(model)
     cfg = model.config
     rng = np.random.default_rng(0)

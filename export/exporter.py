@@ -41,8 +41,7 @@ _CALIBRATION_HOLDOUT = 4  # speech-derived feeds kept out of calibration to meas
 
 def model_config(snapshot: Path) -> ModelConfig:
     """The model config the runtime needs, read from the snapshot's own files."""
-    from kimia_edge.export.reference.pipeline import find_glm_tokenizer
-    from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder, read_whisper_encoder
+    from kimia_edge.export.snapshot.audio_encoders import find_glm_tokenizer, read_vq_encoder, read_whisper_encoder
     from kimia_edge.export.snapshot.detokenizer import read_detokenizer
     from kimia_edge.export.snapshot.llm import read_llm
     from kimia_edge.export.snapshot.vocoder import read_vocoder

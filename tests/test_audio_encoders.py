@@ -18,20 +18,19 @@ from kimia_edge.export.checkpoint import CheckpointError, load_strict
 from kimia_edge.export.reference.glm_vq import (
     WhisperVQEncoder,
     extract_speech_token,
-    load_vq_encoder,
     tokenize_file,
     vector_quantize,
 )
+from kimia_edge.export.reference.loaders import load_vq_encoder, load_whisper_encoder
 from kimia_edge.export.reference.whisper_encoder import (
-    IGNORED_KEYS,
     WhisperEncoder,
-    encoder_state_dict,
     extract_whisper_feat,
-    load_whisper_encoder,
     tokenize_waveform,
 )
 from kimia_edge.export.snapshot.audio_encoders import (
+    IGNORED_KEYS,
     WHISPER_DIR,
+    encoder_state_dict,
     read_vq_encoder,
     read_whisper_encoder,
     vq_config_for_size,

@@ -21,7 +21,8 @@ from kimia_edge.export.graphs.base import run_onnx, run_torch
 from kimia_edge.quantization.variants import make_variant
 from kimia_edge.export.reference.glm_vq import extract_speech_token, vector_quantize
 from kimia_edge.export.reference.pipeline import GoldenPipeline
-from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR, make_snapshot
+from kimia_edge.export.snapshot.audio_encoders import GLM_TOKENIZER_SUBDIR
+from kimia_edge.export.snapshot.make import make_snapshot
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_tokenizer import (
     OnnxAudioTokenizer,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from kimia_edge.export.reference.llm import MoonshotKimia
+from kimia_edge.export.reference.loaders import load_llm
 from kimia_edge.export.reference.llm_backend import TorchLLMBackend
 from kimia_edge.export.snapshot.llm import write_llm
 from kimia_edge.runtime.generation import (AUDIO_DELAY_TOKENS, GenerationConfig, IncrementalTextDecoder, generate,
@@ -93,7 +93,7 @@ def snap(tmp_path_factory):
 def _model(snap, force_text=None, force_audio=None):
     """fp32 reference; optionally edits the weights so that a head always picks one id (a large positive residual
     component 0 from the embeddings, read by a large weight in that id's head row)."""
-    model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    model = load_llm(snap, dtype=torch.float32)
     with torch.no_grad():
         if force_text is not None or force_audio is not None:
             model.model.embed_tokens.weight[:, 0] += 1000.0

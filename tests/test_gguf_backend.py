@@ -16,7 +16,8 @@ import gguf
 from kimia_edge.export.gguf_export import (ADAPTOR_FILE, AUDIO_FILE, KIMIA_KEYS, TRUNK_FILE, export_llm_gguf,
                                            gguf_component_bytes)
 from kimia_edge.export.gguf_quantize import quantize_llm
-from kimia_edge.export.reference.llm import MoonshotKimia, continuous_feature_scale
+from kimia_edge.export.reference.llm import continuous_feature_scale
+from kimia_edge.export.reference.loaders import load_llm
 from kimia_edge.export.reference.llm_backend import TorchLLMBackend
 from kimia_edge.export.snapshot.llm import write_llm
 from kimia_edge.runtime import llm_llamacpp
@@ -47,7 +48,7 @@ def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("gguf_tiny")
     snap, res = _export(tmp, "tiny")
-    model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    model = load_llm(snap, dtype=torch.float32)
     return snap, res, model
 
 
@@ -326,7 +327,7 @@ def test_f16_export_and_q8_0_quantized_run(tiny, tmp_path):
 def test_small_snapshot_parity(tmp_path):
     torch.set_num_threads(2)
     snap, res = _export(tmp_path, "small")
-    model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    model = load_llm(snap, dtype=torch.float32)
     assert model.config.kimia_mimo_transformer_from_layer_index == 21
     with _backend(res, n_threads=2) as be:
         worst = _greedy_parity(TorchLLMBackend(model), be, model.config, np.random.default_rng(1), GREEDY_STEPS,

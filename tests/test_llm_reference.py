@@ -12,6 +12,7 @@ import torch
 from kimia_edge.export.checkpoint import CheckpointError, load_strict
 from kimia_edge.export.reference.llm import (IGNORED_CHECKPOINT_KEYS, MoonshotKimia, continuous_feature_scale,
                                              rope_cos_sin)
+from kimia_edge.export.reference.loaders import load_llm
 from kimia_edge.export.snapshot.llm import read_llm, write_llm
 from kimia_edge.export.snapshot.weights import INDEX_FILE
 from kimia_edge.runtime.llm_config import KimiaConfig
@@ -31,7 +32,7 @@ def snap(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model32(snap):
     torch.manual_seed(0)
-    return MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+    return load_llm(snap, dtype=torch.float32)
 
 
 def _prompt(cfg: KimiaConfig, n_sem: int = 5, seed: int = 0):
@@ -125,7 +126,7 @@ def test_sqrt2_rule_at_continuous_positions(snap, model32):
     expect[mask] = (audio[mask] + m.vq_adaptor(feats)) * math.sqrt(2.0)
     torch.testing.assert_close(emb, expect + m.embed_tokens(x), atol=1e-5, rtol=1e-5)
     # bf16 model uses the bf16-rounded constant
-    m16 = MoonshotKimia.from_snapshot(snap)
+    m16 = load_llm(snap)
     e16 = m16.model.embed_inputs(a, x, feats, mask)
     au16 = m16.model.embed_tokens(a)
     exp16 = au16.clone()
@@ -139,7 +140,7 @@ def test_fork_audio_depends_on_shared_layers_and_mimo_only(snap):
     fork = cfg.kimia_mimo_transformer_from_layer_index
 
     def run(edit=None):
-        model = MoonshotKimia.from_snapshot(snap, dtype=torch.float32)
+        model = load_llm(snap, dtype=torch.float32)
         if edit is not None:
             with torch.no_grad():
                 w = model.get_parameter(edit)
@@ -195,7 +196,7 @@ def test_snapshot_tokenizer_round_trip(snap):
 @pytest.mark.slow
 def test_small_snapshot_loads(tmp_path):
     write_llm(tmp_path, "small", seed=0)
-    model = MoonshotKimia.from_snapshot(tmp_path)
+    model = load_llm(tmp_path)
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.kimia_mimo_layers, cfg.kimia_mimo_transformer_from_layer_index) == (512, 28, 6, 21)
     a, x, mask, feats = _prompt(cfg)

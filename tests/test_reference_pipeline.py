@@ -9,7 +9,8 @@ import pytest
 import soundfile as sf
 
 from kimia_edge.cli import main
-from kimia_edge.export.reference.pipeline import GoldenPipeline, find_glm_tokenizer
+from kimia_edge.export.reference.pipeline import GoldenPipeline
+from kimia_edge.export.snapshot.audio_encoders import find_glm_tokenizer
 from kimia_edge.export.snapshot.make import make_snapshot
 from kimia_edge.runtime.frontend import load_audio, to_16k_mono, tokens_for_samples
 from kimia_edge.runtime.tasks import generation_config

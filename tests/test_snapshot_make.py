@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from kimia_edge.cli import main
-from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder, read_whisper_encoder
+from kimia_edge.export.snapshot.audio_encoders import GLM_TOKENIZER_SUBDIR, read_vq_encoder, read_whisper_encoder
 from kimia_edge.export.snapshot.detokenizer import read_detokenizer
 from kimia_edge.export.snapshot.llm import read_llm
-from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR, folder_bytes, make_snapshot
+from kimia_edge.export.snapshot.make import folder_bytes, make_snapshot
 from kimia_edge.export.snapshot.presets import SIZES, preset
 from kimia_edge.export.snapshot.vocoder import read_vocoder
 

@@ -14,31 +14,16 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
 from kimia_edge.export.graphs.whisper_encoder import speech_crops
-from kimia_edge.export.reference.llm import VQAdaptor
-from kimia_edge.export.snapshot.llm import read_llm
+from kimia_edge.export.reference.loaders import load_adaptor, load_whisper_encoder
 from kimia_edge.runtime.spec.manifest import ShapeProfile
 
-ADAPTOR_PREFIX = "model.vq_adaptor."  # HFM module path of the adaptor (reference §2.4)
 # Feature rows per call: profile up to 120 s of audio at 12.5 Hz (the generation buffers' 1500 positions,
 # reference §2.6); opt = a 10 s clip.
 MIN_ROWS, OPT_ROWS, MAX_ROWS = 1, 125, 1500
 # Example inputs: Whisper last hidden states (after LayerNorm) are O(1) per channel.
 _EXAMPLE_STD = 1.0
-
-
-def load_adaptor(snapshot: Path) -> VQAdaptor:
-    """The adaptor alone, strict over the ``model.vq_adaptor.*`` keys of the LLM checkpoint, in fp32."""
-    cfg, state = read_llm(Path(snapshot))
-    if not cfg.use_whisper_feature:
-        raise ValueError(f"{snapshot}: config.json use_whisper_feature is false: the model has no VQ adaptor")
-    module = VQAdaptor(cfg)
-    sub = {k[len(ADAPTOR_PREFIX):]: state[k] for k in state if k.startswith(ADAPTOR_PREFIX)}
-    load_strict(module, sub, source=f"{snapshot} ({ADAPTOR_PREFIX}*)")
-    module.cfg = cfg
-    return module.float().eval()
 
 
 class AdaptorGraph(GraphSpec):
@@ -61,7 +46,7 @@ class AdaptorGraph(GraphSpec):
     def calibration_feeds(self, module: torch.nn.Module, context: CalibrationContext) -> List[Dict[str, np.ndarray]]:
         """Raw Whisper features of the speech clips (and crops), from the snapshot's reference Whisper encoder
         (only that encoder is loaded, not the golden pipeline's LLM)."""
-        from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat, load_whisper_encoder
+        from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat
 
         whisper = load_whisper_encoder(context.snapshot)
         feeds = []

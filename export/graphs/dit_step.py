@@ -28,10 +28,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
-from kimia_edge.export.reference.dit import DiT, build_dit
-from kimia_edge.export.snapshot.detokenizer import read_detokenizer
+from kimia_edge.export.reference.dit import DiT
+from kimia_edge.export.reference.loaders import load_dit
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
 from kimia_edge.runtime.dit_config import TIMESTEP_SCALE
 from kimia_edge.runtime.spec.streaming import MIN_PREFIX_SLOTS as MIN_PREFIX
@@ -63,13 +62,6 @@ class DitStepModule(torch.nn.Module):
         slots = torch.arange(prefix_k.shape[3], device=x_t.device)
         mask = (slots < prefix_len)[None, :]
         return self.dit.step(x_t, t_int, tokens, positions, prefix_k, prefix_v, prefix_mask=mask)
-
-
-def load_dit(snapshot: Path) -> DiT:
-    cfg, sd = read_detokenizer(snapshot)
-    model = build_dit(cfg)
-    load_strict(model, sd, source=str(Path(snapshot) / "audio_detokenizer"))
-    return model.eval()
 
 
 class DitStepGraph(GraphSpec):

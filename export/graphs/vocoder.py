@@ -8,23 +8,13 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
-from kimia_edge.export.reference.bigvgan import BigVGAN, build_bigvgan
-from kimia_edge.export.snapshot.vocoder import read_vocoder
+from kimia_edge.export.reference.loaders import load_vocoder
 from kimia_edge.runtime.spec.manifest import ShapeProfile
 from kimia_edge.runtime.spec.streaming import StreamingConfig, frames_profile
 
 # De-normalised mel is a natural-log magnitude around mel_mean (-4.48) with std 3.46 (reference §3.1).
 _EXAMPLE_MEL_MEAN, _EXAMPLE_MEL_STD = -4.5, 2.0
-
-
-def load_vocoder(snapshot: Path) -> BigVGAN:
-    """The reference vocoder from ``snapshot/vocoder``, weight-norm form, strict."""
-    cfg, sd = read_vocoder(snapshot)
-    model = build_bigvgan(cfg)
-    load_strict(model, sd, source=str(Path(snapshot) / "vocoder"))
-    return model.eval()
 
 
 class VocoderGraph(GraphSpec):

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
 from kimia_edge.export.graphs.whisper_encoder import example_speechlike_samples, speech_crops
-from kimia_edge.export.reference.glm_vq import WhisperVQEncoder, load_vq_encoder
-from kimia_edge.export.reference.pipeline import find_glm_tokenizer
+from kimia_edge.export.reference.glm_vq import WhisperVQEncoder
+from kimia_edge.export.reference.loaders import load_vq_encoder
+from kimia_edge.export.snapshot.audio_encoders import find_glm_tokenizer
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import CONV1_STRIDE, CONV2_STRIDE, VQEncoderConfig
 from kimia_edge.runtime.audio_tokenizer import vq_segment_inputs
@@ -91,7 +92,7 @@ class VQEncoderGraph(GraphSpec):
     fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
 
     def build(self, snapshot: Path) -> torch.nn.Module:
-        """From ``<snapshot>/glm-4-voice-tokenizer`` (where our snapshots carry it; see pipeline.find_glm_tokenizer)."""
+        """From ``<snapshot>/glm-4-voice-tokenizer`` (where our snapshots carry it; see snapshot.audio_encoders.find_glm_tokenizer)."""
         return VQPreQuantizer(load_vq_encoder(find_glm_tokenizer(Path(snapshot), None))).eval()
 
     def _max_frames(self, cfg: VQEncoderConfig) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec
-from kimia_edge.export.reference.whisper_encoder import load_whisper_encoder
+from kimia_edge.export.reference.loaders import load_whisper_encoder
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.spec.manifest import ShapeProfile
 

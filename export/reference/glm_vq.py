@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimia_edge.export.checkpoint import load_strict
 from kimia_edge.export.reference.whisper_encoder import WhisperEncoderLayer
 from kimia_edge.export.reference.whisper_frontend import log_mel_torch
 from kimia_edge.runtime import frontend as fe
@@ -41,7 +40,6 @@ __all__ = [
     "block_causal_mask",
     "padding_mask",
     "vector_quantize",
-    "load_vq_encoder",
     "extract_speech_token",
     "tokenize_file",
     "MAX_BATCH_SEGMENTS",
@@ -176,16 +174,6 @@ class WhisperVQEncoder(nn.Module):
         if self.layer_norm is not None:
             x = self.layer_norm(x)
         return VQOutput(token_ids=token_ids, mask=valid, pooled_pre_vq=pooled_pre_vq, last_hidden_state=x)
-
-
-def load_vq_encoder(tokenizer_dir: Path) -> WhisperVQEncoder:
-    """Builds the encoder from the GLM tokenizer folder and loads ``model.safetensors`` strictly (fp32)."""
-    from kimia_edge.export.snapshot.audio_encoders import read_vq_encoder
-
-    cfg, state_dict = read_vq_encoder(Path(tokenizer_dir))
-    module = WhisperVQEncoder(cfg)
-    load_strict(module, state_dict, source=str(Path(tokenizer_dir)))
-    return module.float().eval()
 
 
 @torch.no_grad()

@@ -37,8 +37,6 @@ IGNORED_CHECKPOINT_KEYS = ("*.rotary_emb.inv_freq",)
 # continuous positions; the square root is taken in the model dtype (bf16 -> 1.4140625, fp32 -> 1.4142135).
 CONTINUOUS_FEATURE_SCALE_SQUARED = 2.0
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def continuous_feature_scale(dtype: torch.dtype) -> torch.Tensor:
     """sqrt(2) computed in ``dtype`` (0-dim tensor), exactly as the official forward does."""
@@ -239,18 +237,6 @@ class MoonshotKimia(nn.Module):
         self.model = KimiaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mimo_output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-
-    @classmethod
-    def from_snapshot(cls, folder, dtype: Optional[torch.dtype] = None) -> "MoonshotKimia":
-        """Builds the model from an HF snapshot folder with strict key checking (inv_freq ignored).
-        dtype defaults to config.json ``torch_dtype``."""
-        from kimia_edge.export.checkpoint import load_strict
-        from kimia_edge.export.snapshot.llm import read_llm
-
-        cfg, state = read_llm(folder)
-        model = cls(cfg).to(dtype or _DTYPES[cfg.torch_dtype])
-        load_strict(model, state, source=str(folder), ignore=IGNORED_CHECKPOINT_KEYS)
-        return model.eval()
 
     def new_cache(self) -> KVCache:
         """Empty KV cache for both stacks."""

@@ -15,15 +15,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from kimia_edge.export.checkpoint import load_strict
-from kimia_edge.export.graphs.vocoder import load_vocoder
-from kimia_edge.export.reference.dit import TorchDitStep, build_dit
-from kimia_edge.export.reference.glm_vq import extract_speech_token, load_vq_encoder
-from kimia_edge.export.reference.llm import MoonshotKimia
+from kimia_edge.export.reference.dit import TorchDitStep
+from kimia_edge.export.reference.glm_vq import extract_speech_token
 from kimia_edge.export.reference.llm_backend import TorchLLMBackend
-from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat, load_whisper_encoder
-from kimia_edge.export.snapshot.detokenizer import read_detokenizer
-from kimia_edge.export.snapshot.make import GLM_TOKENIZER_SUBDIR
+from kimia_edge.export.reference.loaders import load_dit, load_llm, load_vocoder, load_vq_encoder, load_whisper_encoder
+from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat
+from kimia_edge.export.snapshot.audio_encoders import find_glm_tokenizer
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
 from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, generate
@@ -50,17 +47,6 @@ class ReferenceResult:
     stop: str
 
 
-def find_glm_tokenizer(snapshot: Path, glm_tokenizer: Optional[Path]) -> Path:
-    """The GLM-4-Voice tokenizer folder: the one given, else ``<snapshot>/glm-4-voice-tokenizer`` (our generated
-    snapshots carry it there; the real one is a separate download)."""
-    folder = Path(glm_tokenizer) if glm_tokenizer else Path(snapshot) / GLM_TOKENIZER_SUBDIR
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"GLM-4-Voice tokenizer not found at {folder}: pass its folder (THUDM/glm-4-voice-tokenizer layout)"
-        )
-    return folder
-
-
 class GoldenPipeline:
     """The reference chain in fp32 (default) or the snapshot's own dtype for the LLM (``llm_dtype``)."""
 
@@ -70,16 +56,14 @@ class GoldenPipeline:
         self.snapshot = snapshot
         self.vq = load_vq_encoder(find_glm_tokenizer(snapshot, glm_tokenizer))
         self.whisper = load_whisper_encoder(snapshot)
-        self.llm = MoonshotKimia.from_snapshot(snapshot, dtype=llm_dtype)
+        self.llm = load_llm(snapshot, dtype=llm_dtype)
         self.backend = TorchLLMBackend(self.llm)
         self.tokens = SpecialTokens.from_snapshot(snapshot)
         self.text_tokenizer = TextTokenizer.from_snapshot(snapshot)
         self.token_offset = self.llm.config.kimia_token_offset
-        dit_cfg, dit_sd = read_detokenizer(snapshot)
-        dit = build_dit(dit_cfg)
-        load_strict(dit, dit_sd, source=str(snapshot / "audio_detokenizer"))
-        self.dit_config = dit_cfg
-        self.dit_step = TorchDitStep(dit.eval())
+        dit = load_dit(snapshot)
+        self.dit_config = dit.cfg
+        self.dit_step = TorchDitStep(dit)
         self.vocoder_module = load_vocoder(snapshot).folded_copy().eval()
         self.sample_rate_hz = self.vocoder_module.cfg.sampling_rate
         self.streaming = streaming or StreamingConfig()

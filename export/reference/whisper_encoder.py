@@ -7,21 +7,19 @@ blocks (``self_attn.{q,v,out}_proj`` with bias, ``self_attn.k_proj`` without, ``
 ``fc2``, ``final_layer_norm``) and the final ``layer_norm``. Attention is full (non-causal) SDPA with scale
 ``head_dim ** -0.5`` (official: flash-attn with the same scale).
 
-Kimi loads ``WhisperModel.from_pretrained(<snapshot>/whisper-large-v3).encoder``: the HF file holds
-``model.encoder.*`` (WhisperForConditionalGeneration) or ``encoder.*`` (WhisperModel.save_pretrained) keys plus the
-decoder, which Kimi never uses; decoder keys are ignored explicitly, everything else must match.
+Kimi loads ``WhisperModel.from_pretrained(<snapshot>/whisper-large-v3).encoder``; the mapping of the HF file's keys
+to these names is ``export.snapshot.audio_encoders.encoder_state_dict``, the strict loader
+``export.reference.loaders.load_whisper_encoder``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimia_edge.export.checkpoint import CheckpointError, load_strict
 from kimia_edge.export.reference.whisper_frontend import log_mel_torch
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import (
@@ -37,22 +35,14 @@ __all__ = [
     "WhisperEncoderLayer",
     "WhisperEncoder",
     "activation",
-    "encoder_state_dict",
-    "load_whisper_encoder",
     "tokenize_waveform",
     "extract_whisper_feat",
     "FRAMES_PER_TOKEN",
-    "ENCODER_PREFIXES",
-    "IGNORED_KEYS",
 ]
 
 # 50 Hz encoder frames per 12.5 Hz token: the Kimi path keeps 4 * token_len frames and reshapes [4N, d] -> [N, 4d]
 # (whisper.py tokenize_waveform; prompt_manager.py extract_whisper_feat).
 FRAMES_PER_TOKEN = 4
-# Key prefixes of the encoder in the two HF layouts (see module docstring), tried in this order.
-ENCODER_PREFIXES = ("model.encoder.", "encoder.")
-# Keys of the HF file that Kimi never uses: the decoder (and a stored proj_out, tied to the decoder embedding).
-IGNORED_KEYS = ("model.decoder.*", "decoder.*", "proj_out.weight")
 _CONV_PADDING = 1  # nn.Conv1d(..., kernel_size=3, padding=1) for both convs
 
 
@@ -145,52 +135,6 @@ class WhisperEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.layer_norm(x)
-
-
-# ---- checkpoint mapping -------------------------------------------------------------------------------------------
-class _RenamedView(Mapping):
-    """Read-only view of a state dict with the encoder prefix stripped; values are fetched lazily."""
-
-    def __init__(self, source: Mapping[str, torch.Tensor], rename: Dict[str, str]) -> None:
-        self._source = source
-        self._rename = rename  # new key -> source key
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._source[self._rename[key]]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._rename)
-
-    def __len__(self) -> int:
-        return len(self._rename)
-
-
-def encoder_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str) -> Mapping[str, torch.Tensor]:
-    """Maps an HF Whisper state dict to the encoder's names: strips ``model.encoder.`` or ``encoder.`` (one layout per
-    file) and keeps every other key unchanged, so that ``load_strict`` ignores the decoder by ``IGNORED_KEYS`` and
-    reports anything else as unexpected."""
-    keys = list(state_dict.keys())
-    used = [p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in keys)]
-    if not used:
-        raise CheckpointError(f"{source}: no encoder keys (expected a prefix in {ENCODER_PREFIXES}); "
-                              f"first keys: {sorted(keys)[:5]}")
-    if len(used) > 1:
-        raise CheckpointError(f"{source}: mixed encoder key layouts {used}; expected exactly one")
-    prefix = used[0]
-    rename = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in keys}
-    return _RenamedView(state_dict, rename)
-
-
-def load_whisper_encoder(snapshot_dir: Path, dtype: torch.dtype = torch.float32) -> WhisperEncoder:
-    """Builds the encoder from ``<snapshot_dir>/whisper-large-v3`` and loads it strictly (decoder ignored).
-    The official F16 values are upcast exactly; Kimi itself then runs in bf16 (pass ``dtype=torch.bfloat16``)."""
-    from kimia_edge.export.snapshot.audio_encoders import WHISPER_DIR, read_whisper_encoder
-
-    cfg, state_dict = read_whisper_encoder(Path(snapshot_dir))
-    source = str(Path(snapshot_dir) / WHISPER_DIR)
-    module = WhisperEncoder(cfg)
-    load_strict(module, encoder_state_dict(state_dict, source=source), source=source, ignore=IGNORED_KEYS)
-    return module.to(dtype).eval()
 
 
 # ---- Kimi continuous-feature path ---------------------------------------------------------------------------------

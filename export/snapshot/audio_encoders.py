@@ -4,14 +4,16 @@
   ``preprocessor_config.json``, ``generation_config.json`` and ``model.safetensors`` in F16 with the
   ``WhisperForConditionalGeneration`` keys ``model.encoder.*`` / ``model.decoder.*`` (the decoder is written so the
   folder looks like the official one; Kimi never uses it). Sharded files with ``model.safetensors.index.json`` are
-  read too.
-- GLM-4-Voice tokenizer (separate folder, HF repo ``THUDM/glm-4-voice-tokenizer``): ``config.json``
-  (``WhisperVQConfig``), ``preprocessor_config.json`` and an fp32 ``model.safetensors`` with bare keys
-  (``conv1.*``, ``layers.{i}.*``, ``codebook.weight``, ``embed_positions2.weight``, ``ema_count``, ``ema_weight``).
+  read too. ``encoder_state_dict`` maps the file's keys (either HF layout) to the encoder's module names.
+- GLM-4-Voice tokenizer (separate folder, HF repo ``THUDM/glm-4-voice-tokenizer``; our generated snapshots carry it
+  in ``<snapshot>/glm-4-voice-tokenizer``, ``find_glm_tokenizer``): ``config.json`` (``WhisperVQConfig``),
+  ``preprocessor_config.json`` and an fp32 ``model.safetensors`` with bare keys (``conv1.*``, ``layers.{i}.*``,
+  ``codebook.weight``, ``embed_positions2.weight``, ``ema_count``, ``ema_weight``).
 
 Readers return ``(config, state_dict)`` where the state dict is the lazy read-only mapping of
-``export/snapshot/weights.py`` (tensors are read when accessed). Writers stream tensor by tensor into a safetensors file (constant memory: one
-tensor at a time), deterministic by seed.
+``export/snapshot/weights.py`` (tensors are read when accessed); ``export.reference.loaders`` turns them into modules.
+Writers stream tensor by tensor into a safetensors file (constant memory: one tensor at a time), deterministic by
+seed.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import os
 import struct
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from kimia_edge.export.checkpoint import CheckpointError
 from kimia_edge.export.reference.glm_vq import WhisperVQEncoder
 from kimia_edge.export.reference.whisper_encoder import WhisperEncoder
 from kimia_edge.export.snapshot.presets import preset
@@ -40,6 +43,8 @@ from kimia_edge.runtime.audio_encoder_config import (
 __all__ = [
     "read_whisper_encoder",
     "read_vq_encoder",
+    "find_glm_tokenizer",
+    "encoder_state_dict",
     "write_whisper_encoder",
     "write_vq_encoder",
     "whisper_config_for_size",
@@ -47,12 +52,22 @@ __all__ = [
     "whisper_tensor_specs",
     "vq_tensor_specs",
     "WHISPER_DIR",
+    "GLM_TOKENIZER_SUBDIR",
+    "ENCODER_PREFIXES",
+    "IGNORED_KEYS",
 ]
 
 WHISPER_DIR = "whisper-large-v3"               # sub-folder of the Kimi snapshot (reference doc §4)
+# Where our generated snapshots carry the GLM-4-Voice tokenizer (for real users it is a separate download).
+GLM_TOKENIZER_SUBDIR = "glm-4-voice-tokenizer"
 GENERATION_CONFIG_FILE = "generation_config.json"
 _WHISPER_ENCODER_PREFIX = "model.encoder."     # WhisperForConditionalGeneration layout (official file)
 _WHISPER_DECODER_PREFIX = "model.decoder."
+# Key prefixes of the encoder in the two HF layouts, tried in this order: WhisperForConditionalGeneration (the
+# official file) and WhisperModel.save_pretrained (``encoder.*`` / ``decoder.*``, upstream's export_model).
+ENCODER_PREFIXES = (_WHISPER_ENCODER_PREFIX, "encoder.")
+# Keys of the HF file that Kimi never uses: the decoder (and a stored proj_out, tied to the decoder embedding).
+IGNORED_KEYS = (_WHISPER_DECODER_PREFIX + "*", "decoder.*", "proj_out.weight")
 _CONV_KERNEL = 3
 
 # ---- size presets ---------------------------------------------------------------------------------------------------
@@ -95,9 +110,21 @@ _CODEBOOK_STD = 0.5            # codebook rows, comparable to the pre-VQ activat
 
 
 # ---- readers --------------------------------------------------------------------------------------------------------
+def find_glm_tokenizer(snapshot: Path, glm_tokenizer: Optional[Path] = None) -> Path:
+    """The GLM-4-Voice tokenizer folder: ``glm_tokenizer`` if given, else ``<snapshot>/glm-4-voice-tokenizer``
+    (our generated snapshots carry it there; the real one is a separate download). FileNotFoundError if the folder
+    has no ``config.json``."""
+    folder = Path(glm_tokenizer) if glm_tokenizer else Path(snapshot) / GLM_TOKENIZER_SUBDIR
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"GLM-4-Voice tokenizer not found at {folder}: pass its folder (THUDM/glm-4-voice-tokenizer layout)"
+        )
+    return folder
+
+
 def read_whisper_encoder(snapshot_dir: Path) -> Tuple[WhisperEncoderConfig, Mapping[str, torch.Tensor]]:
     """Reads ``<snapshot_dir>/whisper-large-v3/{config.json, model.safetensors}``. The state dict holds the file's
-    own keys (encoder and decoder); ``export.reference.whisper_encoder.load_whisper_encoder`` maps and loads it."""
+    own keys (encoder and decoder); ``encoder_state_dict`` maps them to the encoder's names."""
     folder = Path(snapshot_dir) / WHISPER_DIR
     if not folder.is_dir():
         raise FileNotFoundError(f"whisper snapshot: expected folder {folder}, not found")
@@ -113,6 +140,39 @@ def read_vq_encoder(tokenizer_dir: Path) -> Tuple[VQEncoderConfig, Mapping[str, 
         raise FileNotFoundError(f"GLM-4-Voice tokenizer: expected folder {folder}, not found")
     cfg = VQEncoderConfig.from_folder(folder)
     return cfg, open_weights(folder)
+
+
+class _RenamedView(Mapping):
+    """Read-only view of a state dict with the encoder prefix stripped; values are fetched lazily."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], rename: Dict[str, str]) -> None:
+        self._source = source
+        self._rename = rename  # new key -> source key
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._source[self._rename[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rename)
+
+    def __len__(self) -> int:
+        return len(self._rename)
+
+
+def encoder_state_dict(state_dict: Mapping[str, torch.Tensor], *, source: str) -> Mapping[str, torch.Tensor]:
+    """Maps an HF Whisper state dict to the encoder's names: strips ``model.encoder.`` or ``encoder.`` (one layout per
+    file) and keeps every other key unchanged, so that ``load_strict`` ignores the decoder by ``IGNORED_KEYS`` and
+    reports anything else as unexpected."""
+    keys = list(state_dict.keys())
+    used = [p for p in ENCODER_PREFIXES if any(k.startswith(p) for k in keys)]
+    if not used:
+        raise CheckpointError(f"{source}: no encoder keys (expected a prefix in {ENCODER_PREFIXES}); "
+                              f"first keys: {sorted(keys)[:5]}")
+    if len(used) > 1:
+        raise CheckpointError(f"{source}: mixed encoder key layouts {used}; expected exactly one")
+    prefix = used[0]
+    rename = {(k[len(prefix):] if k.startswith(prefix) else k): k for k in keys}
+    return _RenamedView(state_dict, rename)
 
 
 # ---- streaming safetensors writer -----------------------------------------------------------------------------------

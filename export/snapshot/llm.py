@@ -39,7 +39,10 @@ from kimia_edge.runtime.llm_config import CONFIG_FILE, KimiaConfig
 from kimia_edge.runtime.special_tokens import SPECIAL_TOKENS_MAP_FILE, TOKEN_NAMES, TOKENIZER_CONFIG_FILE, SpecialTokens
 from kimia_edge.runtime.text_tokenizer import TIKTOKEN_FILE, format_tiktoken_ranks
 
-__all__ = ["read_llm", "write_llm", "llm_tensor_specs"]
+__all__ = ["read_llm", "write_llm", "llm_tensor_specs", "ADAPTOR_PREFIX"]
+
+# Checkpoint key prefix of the continuous-feature adaptor (HFM module path, reference §2.4).
+ADAPTOR_PREFIX = "model.vq_adaptor."
 
 
 # Official text base vocabulary and special range (reference §1.3): specials 151 643 … 152 063, audio from 152 064.
@@ -160,12 +163,12 @@ def llm_tensor_specs(cfg: KimiaConfig) -> List[_Spec]:
     for j in range(cfg.kimia_mimo_layers):
         layer(f"model.mimo_layers.{j}")
     specs.extend([
-        _Spec("model.vq_adaptor.layers.0.weight", (h, cfg.kimia_adaptor_input_dim), "matrix", "layers"),
-        _Spec("model.vq_adaptor.layers.0.bias", (h,), "bias", "layers"),
-        _Spec("model.vq_adaptor.layers.3.weight", (h, h), "matrix", "layers"),
-        _Spec("model.vq_adaptor.layers.3.bias", (h,), "bias", "layers"),
-        _Spec("model.vq_adaptor.layers.4.weight", (h,), "norm", "layers"),
-        _Spec("model.vq_adaptor.layers.4.bias", (h,), "bias", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.0.weight", (h, cfg.kimia_adaptor_input_dim), "matrix", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.0.bias", (h,), "bias", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.3.weight", (h, h), "matrix", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.3.bias", (h,), "bias", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.4.weight", (h,), "norm", "layers"),
+        _Spec(f"{ADAPTOR_PREFIX}layers.4.bias", (h,), "bias", "layers"),
         _Spec("model.embed_tokens.weight", (cfg.vocab_size, h), "embed", "heads"),
         _Spec("model.norm.weight", (h,), "norm", "heads"),
         _Spec("model.mimo_norm.weight", (h,), "norm", "heads"),

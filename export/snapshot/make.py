@@ -17,11 +17,9 @@ from tqdm import tqdm
 
 from kimia_edge.export.snapshot.presets import check_size
 
-GLM_TOKENIZER_SUBDIR = "glm-4-voice-tokenizer"
-
 
 def _writers() -> Dict[str, Callable[[Path, str, int], None]]:
-    from kimia_edge.export.snapshot.audio_encoders import write_vq_encoder, write_whisper_encoder
+    from kimia_edge.export.snapshot.audio_encoders import GLM_TOKENIZER_SUBDIR, write_vq_encoder, write_whisper_encoder
     from kimia_edge.export.snapshot.detokenizer import write_detokenizer
     from kimia_edge.export.snapshot.llm import write_llm
     from kimia_edge.export.snapshot.vocoder import write_vocoder
