@@ -2,8 +2,8 @@
 
 Reader: `read_llm(folder) -> (KimiaConfig, state_dict)` — config.json, then the sharded safetensors listed by
 `model.safetensors.index.json` (or a single `model.safetensors`) as a lazy mapping (export/snapshot/weights.py:
-every index entry must be in its shard and every shard key in the index; a tensor is loaded when it is read). Stored `*.rotary_emb.inv_freq` entries are returned too; the model loader ignores
-them explicitly.
+every index entry must be in its shard and every shard key in the index; a tensor is loaded when it is read).
+Stored `*.rotary_emb.inv_freq` entries are returned too; the model loader ignores them explicitly.
 
 Writer: `write_llm(folder, size, seed)` — random bf16 weights in the official layout: config.json with every field
 of the official config class (rope_theta included: 1e6, Qwen2.5-7B's value, since the real one is UNKNOWN),
