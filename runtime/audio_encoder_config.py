@@ -294,9 +294,14 @@ class VQEncoderConfig:
         return self.pooling_kernel_size or 1
 
     @property
+    def frames_per_token(self) -> int:
+        """100 Hz mel frames per output id: conv strides x pooling (8 for GLM-4-Voice)."""
+        return CONV1_STRIDE * CONV2_STRIDE * self.pool
+
+    @property
     def samples_per_token(self) -> int:
         """16 kHz samples per output id: conv strides x pooling x hop (utils.py ``stride``; 1280 for GLM-4-Voice)."""
-        return CONV1_STRIDE * CONV2_STRIDE * self.pool * self.features.hop_length
+        return self.frames_per_token * self.features.hop_length
 
     @property
     def max_pooled_positions(self) -> int:

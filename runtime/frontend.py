@@ -28,6 +28,10 @@ __all__ = [
     "N_SAMPLES",
     "N_FRAMES",
     "SAMPLES_PER_TOKEN",
+    "LOG_MEL_CLAMP",
+    "LOG_MEL_DYNAMIC_RANGE",
+    "LOG_MEL_OFFSET",
+    "LOG_MEL_SCALE",
     "AudioFileError",
     "load_audio",
     "to_16k_mono",
@@ -51,10 +55,10 @@ N_FRAMES = N_SAMPLES // HOP_LENGTH           # 3000 mel frames per padded segmen
 SAMPLES_PER_TOKEN = 1280
 
 # log-mel post-processing (whisper.py log_mel_spectrogram)
-_LOG_CLAMP = 1e-10          # torch.clamp(mel_spec, min=1e-10) before log10
-_DYNAMIC_RANGE = 8.0        # log_spec = max(log_spec, log_spec.max() - 8.0)
-_LOG_OFFSET = 4.0           # (log_spec + 4.0) / 4.0
-_LOG_SCALE = 4.0
+LOG_MEL_CLAMP = 1e-10        # torch.clamp(mel_spec, min=1e-10) before log10
+LOG_MEL_DYNAMIC_RANGE = 8.0  # log_spec = max(log_spec, log_spec.max() - 8.0)
+LOG_MEL_OFFSET = 4.0         # (log_spec + 4.0) / 4.0
+LOG_MEL_SCALE = 4.0
 
 # Slaney mel scale (librosa.hz_to_mel with htk=False): linear below 1 kHz, logarithmic above.
 _SLANEY_F_SP_HZ = 200.0 / 3.0        # Hz per mel in the linear region
@@ -209,9 +213,9 @@ def log_mel(
     spectrum = np.fft.rfft(frames[:-1] * window, axis=-1)               # drop the last frame (stft[..., :-1])
     power = spectrum.real ** 2 + spectrum.imag ** 2                      # [frames, n_fft // 2 + 1]
     mel = filters.astype(np.float64) @ power.T                           # [n_mels, frames]
-    log_spec = np.log10(np.maximum(mel, _LOG_CLAMP))
-    log_spec = np.maximum(log_spec, log_spec.max() - _DYNAMIC_RANGE)
-    return ((log_spec + _LOG_OFFSET) / _LOG_SCALE).astype(np.float32)
+    log_spec = np.log10(np.maximum(mel, LOG_MEL_CLAMP))
+    log_spec = np.maximum(log_spec, log_spec.max() - LOG_MEL_DYNAMIC_RANGE)
+    return ((log_spec + LOG_MEL_OFFSET) / LOG_MEL_SCALE).astype(np.float32)
 
 
 # ---- segmentation, padding, token counts --------------------------------------------------------------------------

@@ -51,11 +51,6 @@ OPT_SECONDS = 10
 _MAX_CALIBRATION_FEEDS = 16
 
 
-def frames_per_token(cfg: VQEncoderConfig) -> int:
-    """100 Hz mel frames per output position: conv strides x pooling (8 for GLM-4-Voice)."""
-    return CONV1_STRIDE * CONV2_STRIDE * cfg.pool
-
-
 class VQPreQuantizer(torch.nn.Module):
     """The reference encoder's forward up to the VQ input (same submodules, same masks, same pooling):
     (mel [1, n_mels, T], frame_mask [1, T] int) -> pre_vq [1, T / (conv strides x pool), d]."""
@@ -92,7 +87,7 @@ class VQEncoderGraph(GraphSpec):
     fp32_tolerance = ErrorStats(max_abs=1e-4, rel_l2=1e-5)
 
     def build(self, snapshot: Path) -> torch.nn.Module:
-        """From ``<snapshot>/glm-4-voice-tokenizer`` (where our snapshots carry it; see snapshot.audio_encoders.find_glm_tokenizer)."""
+        """From ``<snapshot>/glm-4-voice-tokenizer`` (where our snapshots carry it: ``find_glm_tokenizer``)."""
         return VQPreQuantizer(load_vq_encoder(find_glm_tokenizer(Path(snapshot), None))).eval()
 
     def _max_frames(self, cfg: VQEncoderConfig) -> int:
@@ -102,22 +97,22 @@ class VQEncoderGraph(GraphSpec):
         """Log-mel of a seeded speech-like signal whose real part ends inside the last 1280-sample block (a padded
         tail, as the feature extractor produces), with its frame mask."""
         cfg = module.cfg
-        step = frames_per_token(cfg) * cfg.features.hop_length
-        if length % frames_per_token(cfg):
-            raise ValueError(f"vq_encoder: length must be a multiple of {frames_per_token(cfg)} frames, got {length}")
+        step = cfg.frames_per_token * cfg.features.hop_length
+        if length % cfg.frames_per_token:
+            raise ValueError(f"vq_encoder: length must be a multiple of {cfg.frames_per_token} frames, got {length}")
         n_samples = length * cfg.features.hop_length - int(np.random.default_rng(seed).integers(0, step))
         mel, mask = vq_segment_inputs([example_speechlike_samples(n_samples, seed)], cfg)[0]
         return torch.from_numpy(mel)[None], torch.from_numpy(mask)[None]
 
     def dynamic_shapes(self, module: torch.nn.Module) -> Tuple[Dict[int, torch.export.Dim], ...]:
-        step = frames_per_token(module.cfg)
+        step = module.cfg.frames_per_token
         tokens = torch.export.Dim("tokens", min=1, max=self._max_frames(module.cfg) // step)
         frames = step * tokens
         return {2: frames}, {1: frames}
 
     def profiles(self, module: torch.nn.Module) -> Dict[str, ShapeProfile]:
         cfg = module.cfg
-        n, lo, hi = cfg.num_mel_bins, frames_per_token(cfg), self._max_frames(cfg)
+        n, lo, hi = cfg.num_mel_bins, cfg.frames_per_token, self._max_frames(cfg)
         opt = min(hi, OPT_SECONDS * cfg.features.sampling_rate // cfg.features.hop_length)
         return {"mel": ShapeProfile((1, n, lo), (1, n, opt), (1, n, hi)),
                 "frame_mask": ShapeProfile((1, lo), (1, opt), (1, hi))}

@@ -1,8 +1,10 @@
-"""GLM-4-Voice ``WhisperVQEncoder`` (the discrete semantic tokenizer, reference §1.1) and its batching front end.
+"""GLM-4-Voice ``WhisperVQEncoder`` (the discrete semantic tokenizer, reference §1.1) and its plug into the host logic.
 
 Names and math follow THUDM/GLM-4-Voice speech_tokenizer/modeling_whisper.py (``WhisperVQEncoder``,
-``CausalConv1d``, ``get_block_causal_attention_mask``, ``vector_quantize``) and speech_tokenizer/utils.py
-(``extract_speech_token``). Runs in fp32 like the official tokenizer; the distance + argmin always run in fp32.
+``CausalConv1d``, ``get_block_causal_attention_mask``, ``vector_quantize``). Runs in fp32 like the official
+tokenizer; the distance + argmin always run in fp32. The batching front end of speech_tokenizer/utils.py
+(``extract_speech_token``: segmentation, padding, log-mel, frame masks, kept positions) is the runtime's host logic
+(``kimia_edge.runtime.audio_tokenizer``); ``vq_ids_fn`` plugs this module into it.
 
 State dict (``THUDM/glm-4-voice-tokenizer/model.safetensors``, bare keys): ``conv1.*``, ``conv2.*``,
 ``embed_positions.weight``, ``layers.{i}.*`` for the ``quantize_position`` layers that exist, ``codebook.weight``,
@@ -23,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimia_edge.export.reference.whisper_encoder import WhisperEncoderLayer
-from kimia_edge.export.reference.whisper_frontend import log_mel_torch
 from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import (
     CONV1_STRIDE,
@@ -32,6 +33,7 @@ from kimia_edge.runtime.audio_encoder_config import (
     LAYER_NORM_EPS,
     VQEncoderConfig,
 )
+from kimia_edge.runtime.audio_tokenizer import MAX_BATCH_SEGMENTS, VQIdsFn, semantic_ids
 
 __all__ = [
     "CausalConv1d",
@@ -40,13 +42,11 @@ __all__ = [
     "block_causal_mask",
     "padding_mask",
     "vector_quantize",
+    "vq_ids_fn",
     "extract_speech_token",
     "tokenize_file",
-    "MAX_BATCH_SEGMENTS",
 ]
 
-# extract_speech_token runs the model on at most 128 segments at a time (utils.py batch_size).
-MAX_BATCH_SEGMENTS = 128
 _CONV_PADDING = 1  # non-causal convs: nn.Conv1d(..., kernel_size=3, padding=1)
 
 
@@ -176,39 +176,27 @@ class WhisperVQEncoder(nn.Module):
         return VQOutput(token_ids=token_ids, mask=valid, pooled_pre_vq=pooled_pre_vq, last_hidden_state=x)
 
 
-@torch.no_grad()
+def vq_ids_fn(model: WhisperVQEncoder) -> VQIdsFn:
+    """The module as the runtime host logic's VQ network (``runtime.audio_tokenizer.VQIdsFn``): (mel [B, n_mels, T]
+    float32, frame mask [B, T] int32) -> ids [B, T / 8] int64 from the module's own forward (the official fp32
+    ``vector_quantize`` at every position), on the module's device."""
+    device = model.embed_positions.weight.device
+
+    @torch.no_grad()
+    def run(mel: np.ndarray, frame_mask: np.ndarray) -> np.ndarray:
+        out = model(torch.from_numpy(mel).to(device), torch.from_numpy(frame_mask).to(device))
+        return out.token_ids.cpu().numpy()
+
+    return run
+
+
 def extract_speech_token(model: WhisperVQEncoder, utterances: Sequence[np.ndarray],
                          batch_size: int = MAX_BATCH_SEGMENTS) -> List[List[int]]:
-    """``extract_speech_token``: 16 kHz mono utterances [S_i] -> one id list per utterance.
-
-    Each utterance is split into 30 s segments; segments are batched (``batch_size``), right-padded to the longest
-    one rounded up to ``samples_per_token`` (1280) samples, turned into log-mel features with a per-segment
-    ``max - 8`` floor (``WhisperFeatureExtractor``, torch path), run through the model with the frame mask, and the
-    ids at ``mask[:, ::2][:, ::pool]`` positions are kept, in order.
-    """
-    cfg = model.cfg
-    features_cfg = cfg.features
-    segments, owners = [], []
-    for idx, audio in enumerate(utterances):
-        audio = np.asarray(audio, dtype=np.float32)
-        if audio.ndim != 1:
-            raise ValueError(f"utterances[{idx}]: expected mono samples [S], got shape {audio.shape}")
-        for segment in fe.segment_30s(audio):
-            segments.append(segment)
-            owners.append(idx)
-    tokens: List[List[int]] = [[] for _ in utterances]
-    device = model.embed_positions.weight.device
-    for start in range(0, len(segments), batch_size):
-        padded, sample_mask = fe.pad_batch_longest(segments[start:start + batch_size], cfg.samples_per_token,
-                                                   features_cfg.padding_value)
-        features = log_mel_torch(torch.from_numpy(padded), features_cfg.feature_size, n_fft=features_cfg.n_fft,
-                                 hop_length=features_cfg.hop_length)
-        frame_mask = torch.from_numpy(sample_mask[:, :: features_cfg.hop_length])
-        out = model(features.to(device), frame_mask.to(device))
-        keep = out.mask.bool()
-        for i in range(out.token_ids.shape[0]):
-            tokens[owners[start + i]].extend(out.token_ids[i][keep[i]].tolist())
-    return tokens
+    """``extract_speech_token``: 16 kHz mono utterances [S_i] -> one id list per utterance, through the runtime's
+    host logic (``runtime.audio_tokenizer.semantic_ids``: 30 s segments of all utterances batched ``batch_size``
+    at a time, padding per batch to a multiple of 1280 samples, log-mel, frame mask, kept positions) with this
+    module as the network."""
+    return [ids.tolist() for ids in semantic_ids(vq_ids_fn(model), utterances, model.cfg, batch_size)]
 
 
 def tokenize_file(model: WhisperVQEncoder, path: Union[str, Path]) -> List[int]:

@@ -1,9 +1,10 @@
 """The golden pipeline: the whole Kimi-Audio chain on the PyTorch reference modules, loaded from a snapshot.
 
-Speech in (16 kHz) → GLM-4-Voice VQ ids + Whisper features → prompt (runtime/prompt.py) → generation loop
-(runtime/generation.py) on the torch LLM → text, and in "chat" the audio tokens → streaming detokenizer
-(runtime/detokenizer.py) on the torch DiT and BigVGAN → 24 kHz speech. The state machines are the runtime's
-own; only the networks are torch here. Every exported artifact is measured against this.
+Speech in (16 kHz) → GLM-4-Voice VQ ids + Whisper features (runtime/audio_tokenizer.py on the torch encoders) →
+prompt (runtime/prompt.py) → generation loop (runtime/generation.py) on the torch LLM → text, and in "chat" the
+audio tokens → streaming detokenizer (runtime/detokenizer.py) on the torch DiT and BigVGAN → 24 kHz speech. The
+host logic and state machines are the runtime's own; only the networks are torch here. Every exported artifact is
+measured against this.
 """
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 
 from kimia_edge.export.reference.dit import TorchDitStep
-from kimia_edge.export.reference.glm_vq import extract_speech_token
+from kimia_edge.export.reference.glm_vq import vq_ids_fn
 from kimia_edge.export.reference.llm_backend import TorchLLMBackend
 from kimia_edge.export.reference.loaders import load_dit, load_llm, load_vocoder, load_vq_encoder, load_whisper_encoder
-from kimia_edge.export.reference.whisper_encoder import extract_whisper_feat
+from kimia_edge.export.reference.whisper_encoder import whisper_fn
 from kimia_edge.export.snapshot.audio_encoders import find_glm_tokenizer
+from kimia_edge.runtime.audio_tokenizer import AudioTokenizer
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
 from kimia_edge.runtime.spec.streaming import StreamingConfig
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, generate
@@ -56,6 +58,9 @@ class GoldenPipeline:
         self.snapshot = snapshot
         self.vq = load_vq_encoder(find_glm_tokenizer(snapshot, glm_tokenizer))
         self.whisper = load_whisper_encoder(snapshot)
+        # the runtime's tokenizer host logic with the torch encoders plugged in
+        self.audio_tokenizer = AudioTokenizer(vq_ids_fn(self.vq), whisper_fn(self.whisper), self.vq.cfg,
+                                              self.whisper.cfg)
         self.llm = load_llm(snapshot, dtype=llm_dtype)
         self.backend = TorchLLMBackend(self.llm)
         self.tokens = SpecialTokens.from_snapshot(snapshot)
@@ -71,10 +76,8 @@ class GoldenPipeline:
     # ---- the networks, as the runtime's state machines want them ------------------------------------------------
     @torch.inference_mode()
     def encode_audio(self, samples_16k: np.ndarray) -> AudioEncoding:
-        """[S] 16 kHz mono -> semantic ids [N] (12.5 Hz) and Whisper features [N, 4*d_model]."""
-        ids = np.asarray(extract_speech_token(self.vq, [samples_16k])[0], dtype=np.int64)
-        feats = extract_whisper_feat(self.whisper, samples_16k)[0].float().numpy()
-        return AudioEncoding(semantic_ids=ids, features=feats)
+        """[S] 16 kHz mono -> semantic ids [N] (12.5 Hz) and Whisper features [N, 4*d_model] float32."""
+        return self.audio_tokenizer.encode(samples_16k)
 
     @torch.inference_mode()
     def vocode(self, mel: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Whisper-large-v3 encoder as Kimi-Audio runs it, and the Kimi continuous-feature path (reference §1.2).
+"""Whisper-large-v3 encoder as Kimi-Audio runs it (reference §1.2), and its plug into the continuous-feature path.
 
 Module and state-dict names follow kimia_infer/models/tokenizer/whisper_Lv3/modeling_whisper.py ``WhisperEncoder``:
 ``conv1`` / ``conv2`` (kernel 3, padding 1, stride 1 / 2, exact GELU after each), ``embed_positions`` (learned,
@@ -9,19 +9,19 @@ blocks (``self_attn.{q,v,out}_proj`` with bias, ``self_attn.k_proj`` without, ``
 
 Kimi loads ``WhisperModel.from_pretrained(<snapshot>/whisper-large-v3).encoder``; the mapping of the HF file's keys
 to these names is ``export.snapshot.audio_encoders.encoder_state_dict``, the strict loader
-``export.reference.loaders.load_whisper_encoder``.
+``export.reference.loaders.load_whisper_encoder``. The Kimi feature path around the encoder (30 s segments, log-mel,
+the 4·N-frame slice, the [4N, d] -> [N, 4d] reshape) is the runtime's host logic
+(``kimia_edge.runtime.audio_tokenizer``); ``whisper_fn`` plugs this module into it.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimia_edge.export.reference.whisper_frontend import log_mel_torch
-from kimia_edge.runtime import frontend as fe
 from kimia_edge.runtime.audio_encoder_config import (
     CONV1_STRIDE,
     CONV2_STRIDE,
@@ -29,20 +29,18 @@ from kimia_edge.runtime.audio_encoder_config import (
     LAYER_NORM_EPS,
     WhisperEncoderConfig,
 )
+from kimia_edge.runtime.audio_tokenizer import WhisperFn, whisper_features, whisper_frames
 
 __all__ = [
     "WhisperAttention",
     "WhisperEncoderLayer",
     "WhisperEncoder",
     "activation",
+    "whisper_fn",
     "tokenize_waveform",
     "extract_whisper_feat",
-    "FRAMES_PER_TOKEN",
 ]
 
-# 50 Hz encoder frames per 12.5 Hz token: the Kimi path keeps 4 * token_len frames and reshapes [4N, d] -> [N, 4d]
-# (whisper.py tokenize_waveform; prompt_manager.py extract_whisper_feat).
-FRAMES_PER_TOKEN = 4
 _CONV_PADDING = 1  # nn.Conv1d(..., kernel_size=3, padding=1) for both convs
 
 
@@ -137,34 +135,33 @@ class WhisperEncoder(nn.Module):
         return self.layer_norm(x)
 
 
-# ---- Kimi continuous-feature path ---------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_segments(encoder: WhisperEncoder, samples_16k: np.ndarray) -> Sequence[Tuple[int, torch.Tensor]]:
-    """Per 30 s segment: (token_len, last_hidden_state [1, 1500, d]) in the encoder's dtype (mel computed in fp32
-    on the segment padded/trimmed to 480 000 samples, then cast, as whisper.py does)."""
+# ---- Kimi continuous-feature path (host logic: runtime.audio_tokenizer) ---------------------------------------------
+def whisper_fn(encoder: WhisperEncoder) -> WhisperFn:
+    """The module as the runtime host logic's Whisper network (``runtime.audio_tokenizer.WhisperFn``): mel
+    [1, 128, 3000] float32 -> last hidden state [1, 1500, d] float32. The mel is cast to the module's dtype first,
+    as whisper.py does (bf16 for Kimi); a bf16 output is widened to float32 exactly."""
     param = next(encoder.parameters())
-    out = []
-    for segment in fe.segment_30s(np.asarray(samples_16k, dtype=np.float32)):
-        token_len = fe.tokens_for_samples(segment.shape[0])
-        mel = log_mel_torch(torch.from_numpy(fe.pad_or_trim(segment)), encoder.cfg.num_mel_bins)
-        out.append((token_len, encoder(mel[None].to(param.device, param.dtype))))
-    return out
+
+    @torch.no_grad()
+    def run(mel: np.ndarray) -> np.ndarray:
+        return encoder(torch.from_numpy(mel).to(param.device, param.dtype)).float().cpu().numpy()
+
+    return run
 
 
-@torch.no_grad()
+def _like_encoder(array: np.ndarray, encoder: WhisperEncoder) -> torch.Tensor:
+    param = next(encoder.parameters())
+    return torch.from_numpy(array)[None].to(param.device, param.dtype)  # exact: the values came from this dtype
+
+
 def tokenize_waveform(encoder: WhisperEncoder, samples_16k: np.ndarray) -> torch.Tensor:
-    """``WhisperEncoder.tokenize_waveform``: 16 kHz audio [S] -> [1, 4N, d] (the first 4 * token_len 50 Hz frames of
-    each 30 s segment, concatenated). N = sum over segments of ceil(len / 1280)."""
-    parts = [h[:, : token_len * FRAMES_PER_TOKEN] for token_len, h in encode_segments(encoder, samples_16k)]
-    if not parts:
-        raise ValueError("samples_16k: expected at least one sample, got an empty signal")
-    return torch.cat(parts, dim=1)
+    """``WhisperEncoder.tokenize_waveform``: 16 kHz audio [S] -> [1, 4N, d] in the encoder's dtype (the first
+    4 * token_len 50 Hz frames of each 30 s segment, concatenated; ``runtime.audio_tokenizer.whisper_frames``).
+    N = sum over segments of ceil(len / 1280)."""
+    return _like_encoder(whisper_frames(whisper_fn(encoder), samples_16k, encoder.cfg), encoder)
 
 
-@torch.no_grad()
 def extract_whisper_feat(encoder: WhisperEncoder, samples_16k: np.ndarray) -> torch.Tensor:
-    """``KimiAPromptManager.extract_whisper_feat``: [1, 4N, d] -> [1, N, 4d] by a pure reshape
-    (feature t = concat of 50 Hz frames 4t .. 4t+3)."""
-    frames = tokenize_waveform(encoder, samples_16k)
-    b, t, d = frames.shape
-    return frames.reshape(b, t // FRAMES_PER_TOKEN, d * FRAMES_PER_TOKEN)
+    """``KimiAPromptManager.extract_whisper_feat``: [1, 4N, d] -> [1, N, 4d] in the encoder's dtype, by a pure
+    reshape (feature t = concat of 50 Hz frames 4t .. 4t+3; ``runtime.audio_tokenizer.whisper_features``)."""
+    return _like_encoder(whisper_features(whisper_fn(encoder), samples_16k, encoder.cfg), encoder)

@@ -2,8 +2,9 @@
 
 Kimi's ``whisper_Lv3/whisper.py::log_mel_spectrogram`` and HF ``WhisperFeatureExtractor._torch_extract_fbank_features``
 (GLM-4-Voice) run the same float32 math: ``torch.stft(center=True, reflect)`` with a periodic Hann window, last frame
-dropped, power, mel projection, ``log10`` clamp, ``max - 8`` floor per example, ``(x + 4) / 4``. The numpy version
-used at run time is ``kimia_edge.runtime.frontend.log_mel``; tests hold the two together.
+dropped, power, mel projection, ``log10`` clamp, ``max - 8`` floor per example, ``(x + 4) / 4``. Both tokenizer paths
+(runtime and golden pipeline) use the numpy version, ``kimia_edge.runtime.frontend.log_mel`` (one host logic); this
+twin is the official computation that tests hold it against, on inputs the fixtures do not cover. Same constants.
 """
 from __future__ import annotations
 
@@ -15,12 +16,6 @@ import torch
 from kimia_edge.runtime import frontend as fe
 
 __all__ = ["log_mel_torch", "mel_filters_torch"]
-
-# Same constants as the run-time front end (whisper.py log_mel_spectrogram).
-_LOG_CLAMP = 1e-10
-_DYNAMIC_RANGE = 8.0
-_LOG_OFFSET = 4.0
-_LOG_SCALE = 4.0
 
 
 def mel_filters_torch(n_mels: int, n_fft: int = fe.N_FFT, sample_rate_hz: int = fe.SAMPLE_RATE_HZ) -> torch.Tensor:
@@ -47,10 +42,10 @@ def log_mel_torch(
     stft = torch.stft(audio, n_fft, hop_length, window=window, return_complex=True)
     magnitudes = stft[..., :-1].abs() ** 2
     mel_spec = filters.to(audio.device, torch.float32) @ magnitudes
-    log_spec = torch.clamp(mel_spec, min=_LOG_CLAMP).log10()
+    log_spec = torch.clamp(mel_spec, min=fe.LOG_MEL_CLAMP).log10()
     if log_spec.dim() == 3:
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
     else:
         peak = log_spec.max()
-    log_spec = torch.maximum(log_spec, peak - _DYNAMIC_RANGE)
-    return (log_spec + _LOG_OFFSET) / _LOG_SCALE
+    log_spec = torch.maximum(log_spec, peak - fe.LOG_MEL_DYNAMIC_RANGE)
+    return (log_spec + fe.LOG_MEL_OFFSET) / fe.LOG_MEL_SCALE
