@@ -105,13 +105,8 @@ def test_building_without_tensorrt_names_what_is_missing(tmp_path: Path) -> None
 # --- the verb -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_config(tmp_path_factory: pytest.TempPathFactory) -> ModelConfig:
-    from kimia_edge.export.exporter import model_config
-    from kimia_edge.export.snapshot.make import make_snapshot
-
-    snap = tmp_path_factory.mktemp("engines_snap") / "tiny"
-    make_snapshot(snap, "tiny", seed=3)
-    return model_config(snap)
+def model_config(tiny_model_config: ModelConfig) -> ModelConfig:
+    return tiny_model_config
 
 
 def _bundle(out: Path, model: ModelConfig, graphs: Dict[str, tuple]) -> Path:
