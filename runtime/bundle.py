@@ -17,7 +17,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .spec.manifest import MANIFEST_NAME, Artifact, BundleError, Manifest, sha256_file
 
-__all__ = ["read_manifest", "verify_bundle", "load_bundle", "check_artifacts", "stamp_path", "default_cache_dir"]
+__all__ = ["read_manifest", "verify_bundle", "load_bundle", "ensure_usable", "check_artifacts", "stamp_path",
+           "default_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,15 @@ def verify_bundle(root: Path, cache_dir: Optional[Path] = None) -> List[str]:
     return _structure_problems(manifest) + check_artifacts(root, manifest.artifacts, full=True, cache_dir=cache_dir)
 
 
+def ensure_usable(root: Path, manifest: Manifest, artifacts: Iterable[Artifact],
+                  cache_dir: Optional[Path] = None) -> None:
+    """Raises BundleError naming every problem of the manifest's structure and of ``artifacts``' files (checked as
+    ``check_artifacts`` does: hashed only where the stamp says they changed)."""
+    problems = _structure_problems(manifest) + check_artifacts(root, artifacts, cache_dir=cache_dir)
+    if problems:
+        raise BundleError(f"bundle {root} failed verification:\n  " + "\n  ".join(problems))
+
+
 def load_bundle(root: Path, verify: bool = True, artifacts: Optional[Sequence[Tuple[str, Optional[str]]]] = None,
                 cache_dir: Optional[Path] = None) -> Manifest:
     """Reads a bundle's manifest and checks it; BundleError names every problem.
@@ -143,7 +153,5 @@ def load_bundle(root: Path, verify: bool = True, artifacts: Optional[Sequence[Tu
     manifest = read_manifest(root)
     if verify:
         chosen = manifest.artifacts if artifacts is None else [manifest.artifact(n, p) for n, p in artifacts]
-        problems = _structure_problems(manifest) + check_artifacts(root, chosen, cache_dir=cache_dir)
-        if problems:
-            raise BundleError(f"bundle {root} failed verification:\n  " + "\n  ".join(problems))
+        ensure_usable(root, manifest, chosen, cache_dir)
     return manifest

@@ -35,7 +35,7 @@ def engine_artifacts(manifest: Manifest, precision_spec: str, text_only: bool = 
 
 
 def _build(args: argparse.Namespace) -> int:
-    from kimia_edge.runtime.bundle import check_artifacts, read_manifest
+    from kimia_edge.runtime.bundle import ensure_usable, read_manifest
     from kimia_edge.runtime.engines import (DEFAULT_WORKSPACE_BYTES, EngineUnavailable, build_engine, engine_target,
                                             engines_dir)
     from kimia_edge.runtime.pipeline import PipelineOptions
@@ -46,9 +46,7 @@ def _build(args: argparse.Namespace) -> int:
         manifest = read_manifest(args.bundle)
         target = engine_target()  # first: without TensorRT nothing else matters, and it is one line
         graphs = engine_artifacts(manifest, spec, args.text_only)
-        problems = check_artifacts(args.bundle, graphs.values(), cache_dir=args.cache_dir)
-        if problems:
-            raise BundleError(f"bundle {args.bundle} failed verification:\n  " + "\n  ".join(problems))
+        ensure_usable(args.bundle, manifest, graphs.values(), args.cache_dir)
     except EngineUnavailable as e:
         print(f"error: cannot build TensorRT engines here: {e}", file=sys.stderr)
         return 2

@@ -170,7 +170,7 @@ def check_bundle_agrees(manifest: Manifest, artifacts: Mapping[str, Artifact], s
 def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOptions()) -> Components:
     """Opens the artifacts of a bundle that ``options`` choose, after checking only those (see runtime/bundle.py)."""
     from kimia_edge.runtime.audio_tokenizer import OnnxAudioTokenizer
-    from kimia_edge.runtime.bundle import check_artifacts, read_manifest
+    from kimia_edge.runtime.bundle import ensure_usable, read_manifest
     from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
     from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
     from kimia_edge.runtime.sessions import open_session
@@ -181,9 +181,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     model = manifest.model
     artifacts = choose_artifacts(manifest, options)
     streaming = options.streaming_config(model.streaming)
-    problems = check_artifacts(bundle, artifacts.values(), cache_dir=options.cache_dir)
-    if problems:
-        raise BundleError(f"bundle {bundle} failed verification:\n  " + "\n  ".join(problems))
+    ensure_usable(bundle, manifest, artifacts.values(), options.cache_dir)
 
     sessions = {name: open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
                                    cache_dir=options.cache_dir)
