@@ -154,8 +154,9 @@ def check_bundle_agrees(manifest: Manifest, artifacts: Mapping[str, Artifact], s
     if model.token_offset != llm_token_offset:
         raise BundleError(f"token offset: the manifest says {model.token_offset}, the LLM GGUF "
                           f"{artifacts[LLM_TRUNK].path} says {llm_token_offset}")
-    if "dit_step" in artifacts and "vocoder" in artifacts:
-        dit, voc = artifacts["dit_step"].profiles.get("x_t"), artifacts["vocoder"].profiles.get("mel")
+    if "dit_step" in artifacts and "vocoder" in artifacts:  # x_t [1, T, 80], mel [1, 80, T]
+        dit = artifacts["dit_step"].profiles.get(GRAPHS["dit_step"].inputs[0])
+        voc = artifacts["vocoder"].profiles.get(GRAPHS["vocoder"].inputs[0])
         if dit is not None and voc is not None:
             try:
                 check_schedule_fits(streaming, dit.max[1], voc.max[2])
