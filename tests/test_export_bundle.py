@@ -49,7 +49,7 @@ def test_altered_artifact_is_refused(bundle: Path, tmp_path: Path) -> None:
     data = bytearray(target.read_bytes())
     data[-1] ^= 0xFF
     target.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="vocoder.fp16.onnx sha256 differs"):
+    with pytest.raises(BundleError, match="vocoder.fp16.onnx: sha256 differs"):
         load_bundle(copy)
 
 
