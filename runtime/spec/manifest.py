@@ -143,8 +143,8 @@ class Artifact:
 
     name: str  # e.g. "dit_step", "vocoder", "llm_trunk"
     component: str  # "whisper_encoder" | "vq_encoder" | "adaptor" | "dit" | "vocoder" | "llm"
-    format: str  # "onnx" | "gguf" | "tensorrt"
-    precision: str  # "fp32" | "fp16" | "int8_dynamic" | "int8_qdq" | "F32" | "Q4_K_M" ...
+    format: str  # "onnx" | "gguf" | "npy" | "tiktoken"
+    precision: str  # a name of the precision registry (spec/precisions.py) or a GGUF type (F16, Q4_K_M, ...)
     files: Tuple[FileEntry, ...]
     error: Dict[str, float] = field(default_factory=dict)  # measured against the reference at export time
     profiles: Dict[str, ShapeProfile] = field(default_factory=dict)
