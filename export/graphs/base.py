@@ -1,8 +1,8 @@
 """One class per exported graph. A ``GraphSpec`` owns what is particular to its graph — the torch module to
 export (built from a snapshot), its I/O names, dynamic axes, seeded example inputs, TensorRT profile shapes,
 and the lengths and tolerances of its parity check — and ``export_graph`` does the rest the same way for all:
-torch's ONNX exporter, ``onnx.checker``, a run in ONNX Runtime, and parity against the torch module at
-several shapes."""
+torch's ONNX exporter, onnxscript's optimizer (``export/onnx_optimizer.py``), ``onnx.checker``, a run in ONNX
+Runtime, and parity against the torch module at several shapes."""
 from __future__ import annotations
 
 import gc
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kimia_edge.export.fileio import graph_files
+from kimia_edge.export.onnx_optimizer import optimize_graph
 from kimia_edge.runtime.spec.graphs import GRAPHS, GraphContract
 from kimia_edge.runtime.spec.manifest import ShapeProfile
 from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS
@@ -195,12 +196,14 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int
     example = spec.example_inputs(module, spec.parity_lengths[0], seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter is chatty about things that do not concern us
-        torch.onnx.export(
-            module, tuple(example), str(path), input_names=list(spec.input_names), output_names=list(spec.output_names),
+        program = torch.onnx.export(
+            module, tuple(example), input_names=list(spec.input_names), output_names=list(spec.output_names),
             dynamic_shapes=spec.dynamic_shapes(module), opset_version=OPSET, dynamo=True,
-            external_data=parameter_bytes(module) > EXTERNAL_DATA_ABOVE_BYTES,
-            optimize=True, verbose=False,
+            optimize=False, verbose=False,  # optimised here instead, without the exporter's quadratic rewrite rule
         )
+        optimize_graph(program.model)
+    program.save(str(path), external_data=parameter_bytes(module) > EXTERNAL_DATA_ABOVE_BYTES)
+    del program
     gc.collect()  # the exporter's in-memory model (a copy of every weight) before ONNX Runtime loads the file
     onnx.checker.check_model(str(path), full_check=True)
     worst = ErrorStats(0.0, 0.0)
