@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,11 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_torch_logs(verbose: int) -> None:
+    """Without -v, torch's own loggers show errors only. torch gives them handlers and levels of their own when it is
+    first imported (read from TORCH_LOGS), so basicConfig's level does not reach them; its ONNX exporter warns four
+    times per exported graph that torchvision is not installed. Takes effect when torch is imported after this call
+    (the handlers import it lazily); a TORCH_LOGS of the user's own is kept."""
+    if not verbose and not os.environ.get("TORCH_LOGS"):
+        os.environ["TORCH_LOGS"] = "-all"  # "-" = ERROR; an empty TORCH_LOGS would break torch's import
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    quiet_torch_logs(args.verbose)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
