@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kimia-edge", description="On-device inference for Kimi-Audio.")
     parser.add_argument("--version", action="version", version=f"kimia-edge {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="show library logs: -v at INFO, -vv at DEBUG (default: warnings only)")
+                        help="show logs: -v kimia-edge's at INFO, -vv every library's at DEBUG (default: warnings)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="run the whole path offline on a built-in tiny model and clip (about a minute)")
     demo.add_argument("--output", type=Path, default=Path("kimia-edge-demo.wav"))
@@ -48,8 +48,12 @@ def quiet_torch_logs(verbose: int) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # -v: our own logs at INFO (third-party libraries stay at WARNING: onnx_ir alone logs ~2 900 lines per graph
+    # export at INFO); -vv: everything at DEBUG.
+    logging.basicConfig(level=logging.DEBUG if args.verbose >= 2 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose == 1:
+        logging.getLogger("kimia_edge").setLevel(logging.INFO)
     quiet_torch_logs(args.verbose)
     if not getattr(args, "handler", None):
         parser.print_help()
