@@ -19,7 +19,6 @@ Module names equal the checkpoint keys (`model.embed_tokens`, `model.layers.i.*`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
