@@ -119,8 +119,17 @@ class Speaker:
     def __init__(self, ring: AudioRing, sample_rate_hz: int, device: Optional[Any] = None, block: int = 480) -> None:
         self.ring, self.rate, self.device, self.block = ring, sample_rate_hz, device, block
         self._stream: Any = None
+        self._flush = threading.Event()
+
+    def flush(self) -> None:
+        """Drops what is queued and not yet played (barge-in), from any thread: the callback, the ring's only reader,
+        clears the ring at its next block and plays silence for that block."""
+        self._flush.set()
 
     def callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        if self._flush.is_set():
+            self.ring.clear()
+            self._flush.clear()
         self.ring.read_into_nowait(outdata.reshape(-1), pad_silence=True)
 
     def start(self) -> None:

@@ -20,6 +20,7 @@ Hamming cross-fade (first chunk: emit half; final chunk: emit everything, no cro
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Tuple, Union
 
@@ -88,6 +89,10 @@ def hamming_window_periodic(length: int) -> np.ndarray:
     return (_HAMMING_ALPHA - _HAMMING_BETA * np.cos(2.0 * np.pi * n / length)).astype(np.float32)
 
 
+class Interrupted(Exception):
+    """Raised inside ``push`` / ``finish`` when ``StreamingDetokenizer.interrupt`` was set (a cancelled turn)."""
+
+
 @dataclass(frozen=True)
 class WaveChunk:
     """One emitted piece of audio.
@@ -135,6 +140,8 @@ class StreamingDetokenizer:
         self._t_ints = np.asarray([_t_int(t) for t in self._t], dtype=np.int64)
         self._priming_t_int = _t_int(np.float32(PRIMING_T))
         self._windows: dict = {}
+        # Set from another thread to stop between two network calls: the next call raises Interrupted.
+        self.interrupt: Optional[threading.Event] = None
         self.reset()
 
     # ---- public API ---------------------------------------------------------------------------------------------
@@ -207,6 +214,8 @@ class StreamingDetokenizer:
 
     def _net(self, x: np.ndarray, t_int: int, ids: np.ndarray, positions: np.ndarray
              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Interrupted("the streaming detokenizer was interrupted")
         frames = x.shape[0]
         vel, k, v = self.dit_step(x[None], np.asarray([t_int], dtype=np.int64), ids[None], positions[None],
                                   self._prefix_k, self._prefix_v)
@@ -281,6 +290,8 @@ class StreamingDetokenizer:
 
     # ---- vocoder and cross-fade ---------------------------------------------------------------------------------
     def _vocode(self, mel: np.ndarray) -> np.ndarray:
+        if self.interrupt is not None and self.interrupt.is_set():
+            raise Interrupted("the streaming detokenizer was interrupted")
         wav = np.asarray(self.vocoder(mel), dtype=np.float32).reshape(-1)
         expected = mel.shape[0] * self.config.frame_size_samples
         if wav.shape[0] != expected:

@@ -279,6 +279,7 @@ class Conversation:
         self.pipeline, self.keep_history = pipeline, keep_history
         self.history: List[Dict[str, Any]] = []
         self.last: Optional[TurnResult] = None
+        self._running: Optional[StreamingTurn] = None
 
     def turn(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", *,
              config: Optional[GenerationConfig] = None, seed: Optional[int] = None) -> Iterator[Event]:
@@ -299,17 +300,30 @@ class Conversation:
             streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
                                       c.text_tokenizer.decode_bytes, detokenizer)
             text: List[str] = []
-            for event in streaming:
-                if isinstance(event, TextEvent):
-                    text.append(event.text)
-                yield event
+            events = iter(streaming)
+            self._running = streaming
+            try:
+                for event in events:
+                    if isinstance(event, TextEvent):
+                        text.append(event.text)
+                    yield event
+            finally:  # closing this generator (or dropping it) cancels the turn and joins its threads
+                events.close()
+                self._running = None
         answer = "".join(text)
         metrics = RunMetrics.of(streaming.stats, len(clip) / INPUT_SAMPLE_RATE_HZ, encode_s, c.output_sample_rate_hz,
                                 c.providers)
         self.last = TurnResult(answer, np.zeros(0, np.float32), c.output_sample_rate_hz, metrics)
-        if self.keep_history:
+        if self.keep_history:  # a cancelled turn keeps the text generated before the cancel
             self.history += [{"role": "user", "message_type": "audio", "content": clip},
                              {"role": "assistant", "message_type": "text", "content": answer}]
+
+    def cancel(self) -> None:
+        """Cancels the running turn, if any (thread-safe): its iteration ends early, ``last.metrics.stop`` says
+        "cancelled"."""
+        running = self._running
+        if running is not None:
+            running.cancel()
 
     def run(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", **kwargs: Any) -> TurnResult:
         """The whole turn at once: text and the concatenated speech."""

@@ -7,6 +7,10 @@ soon as the detokenizer has emitted them, long before the answer is finished.
 
 Threads hand results through rings and one event queue that also forwards exceptions (never by polling a
 shared dict); every ring is closed on the way out, so nobody waits forever.
+
+A turn can be cancelled at any moment (``cancel()``, from any thread, or by closing the event iterator): the
+generation thread stops before its next LLM step, the synthesis thread before its next network call, both rings
+close, both threads are joined, and the iteration ends with ``stats.stop == "cancelled"``.
 """
 from __future__ import annotations
 
@@ -18,11 +22,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
-from kimia_edge.runtime.detokenizer import StreamingDetokenizer
+from kimia_edge.runtime.detokenizer import Interrupted, StreamingDetokenizer
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, IncrementalTextDecoder, generate_steps
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.prompt import Prompt
-from kimia_edge.runtime.rings import AudioRing, TokenRing
+from kimia_edge.runtime.rings import AudioRing, RingClosedError, TokenRing
 from kimia_edge.runtime.special_tokens import SpecialTokens
 
 TOKEN_RING_CAPACITY = 4096  # 5.5 min of 12.5 Hz tokens: the LLM never waits for the detokenizer
@@ -64,7 +68,7 @@ _DONE = object()
 
 
 class StreamingTurn:
-    """Runs one turn; iterate it for events. ``stats`` is complete once iteration ends."""
+    """Runs one turn; iterate it (once) for events. ``stats`` is complete once iteration ends."""
 
     def __init__(self, backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, token_offset: int,
                  config: GenerationConfig, decode_bytes: Callable[[List[int]], bytes],
@@ -81,21 +85,44 @@ class StreamingTurn:
         self.text_ids: List[int] = []
         self._t0 = 0.0
         self._threads: List[threading.Thread] = []
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stops the turn as soon as possible (thread-safe; idempotent). The iteration then ends without error."""
+        self._cancel.set()
+        self.token_ring.close()
+        self.audio_ring.close()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def threads_alive(self) -> int:
+        """Worker threads still running (0 once the iteration has ended, however it ended)."""
+        return sum(t.is_alive() for t in self._threads)
 
     # ---- threads -------------------------------------------------------------------------------------------
     def _generate(self) -> None:
         try:
             start = time.perf_counter()
             first = True
-            for step in generate_steps(self.backend, self.prompt, self.tokens, self.token_offset, self.config):
+            steps = generate_steps(self.backend, self.prompt, self.tokens, self.token_offset, self.config)
+            for step in steps:
                 if first:
                     self.stats.prefill_s = time.perf_counter() - self._t0
                     start, first = time.perf_counter(), False
                 self._on_step(step)
+                if self._cancel.is_set():  # between two LLM steps
+                    steps.close()
+                    break
             self.stats.llm_seconds = time.perf_counter() - start
             tail = self.decoder.flush()
-            if tail:
+            if tail and not self._cancel.is_set():
                 self.events.put(TextEvent(tail))
+        except RingClosedError:
+            if not self._cancel.is_set():
+                self.events.put(RuntimeError("the token ring was closed while the LLM was still running"))
         except BaseException as exc:  # forwarded to the caller, who re-raises it
             self.events.put(exc)
         finally:
@@ -122,7 +149,11 @@ class StreamingTurn:
             while self.token_ring.wait_readable(1):  # False only once closed and drained
                 n = self.token_ring.read_into_nowait(buf[: min(len(buf), self.token_ring.available)])
                 self._emit(det.push(buf[:n].astype(np.int64)))
-            self._emit(det.finish())
+            if not self._cancel.is_set():
+                self._emit(det.finish())
+        except (Interrupted, RingClosedError):
+            if not self._cancel.is_set():
+                self.events.put(RuntimeError("synthesis stopped: its ring was closed while the turn was running"))
         except BaseException as exc:
             self.events.put(exc)
         finally:
@@ -139,19 +170,34 @@ class StreamingTurn:
 
     # ---- consumer ------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Event]:
+        if self._threads:
+            raise RuntimeError("a StreamingTurn runs once; build a new one for the next turn")
         self._t0 = time.perf_counter()
         self._threads = [threading.Thread(target=self._generate, name="kimia-generate", daemon=True)]
         if self.detokenizer is not None:
             self.detokenizer.reset()
+            self.detokenizer.interrupt = self._cancel
             self._threads.append(threading.Thread(target=self._synthesize, name="kimia-synthesize", daemon=True))
         else:
             self.audio_ring.close()
         for t in self._threads:
             t.start()
+        try:
+            yield from self._events()
+        finally:  # normal end, an error, cancel(), or the caller closing / dropping this iterator
+            if self.threads_alive:
+                self.cancel()
+            for t in self._threads:
+                t.join()
+            if self._cancel.is_set():
+                self.stats.stop = "cancelled"
+            self.stats.rings = {"tokens": self.token_ring.stats(), "audio": self.audio_ring.stats()}
+
+    def _events(self) -> Iterator[Event]:
         out = np.empty(_AUDIO_READ_SAMPLES, dtype=np.float32)
         generation_done = False
         error: Optional[BaseException] = None
-        while True:
+        while not self._cancel.is_set():
             try:
                 while True:
                     item = self.events.get_nowait()
@@ -178,7 +224,6 @@ class StreamingTurn:
             item = self.events.get_nowait()
             if isinstance(item, BaseException):
                 raise item
-        self.stats.rings = {"tokens": self.token_ring.stats(), "audio": self.audio_ring.stats()}
 
     def _abort(self) -> None:
         self.token_ring.close()

@@ -74,3 +74,20 @@ def test_conversations_over_one_pipeline_keep_their_own_history(pipeline: Pipeli
     assert len(a.history) == 4 and len(b.history) == 2 and a.last.text == got_a2
     one_off = pipeline.run(clip[:8000], 16_000, "qa", config=config)
     assert one_off.metrics is not None and len(a.history) == 4  # a one-off turn keeps no history anywhere
+
+
+def test_a_cancelled_or_abandoned_turn_leaves_the_pipeline_ready(pipeline: Pipeline, clip: np.ndarray) -> None:
+    config = generation_config("qa", step_limit=6)
+    expected = pipeline.run(clip, 16_000, "qa", config=config).text
+    chat = pipeline.conversation()
+    long = generation_config("chat", seed=3, step_limit=500)
+    events = chat.turn(clip, 16_000, "chat", config=long)
+    next(events)
+    chat.cancel()
+    list(events)
+    assert chat.last.metrics.stop == "cancelled" and chat.last.metrics.llm_steps < 500
+    assert len(chat.history) == 2  # the user's clip and the part of the answer generated before the cancel
+    abandoned = pipeline.conversation().turn(clip, 16_000, "chat", config=long)
+    next(abandoned)
+    abandoned.close()  # closing the generator cancels and releases the pipeline
+    assert pipeline.run(clip, 16_000, "qa", config=config).text == expected

@@ -2,6 +2,8 @@
 what the sequential golden pipeline gives, with speech arriving before the turn ends, and forwards errors."""
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,40 @@ def test_a_failure_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeli
     turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=60), det)
     with pytest.raises(RuntimeError, match="vocoder exploded"):
         list(turn)
+
+
+def _wait_for(predicate, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_cancel_from_another_thread_stops_both_threads_between_calls(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    det = pipe.detokenizer(np.random.default_rng(0))
+    calls = []
+    step = det.dit_step
+    det.dit_step = lambda *a: calls.append(1) or step(*a)  # count the DiT's network calls
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=400), det)
+    events = iter(turn)
+    first_audio = next(e for e in events if isinstance(e, AudioEvent))  # synthesis is running
+    assert first_audio.samples.size > 0
+    threading.Timer(0.05, turn.cancel).start()
+    rest = list(events)  # ends without an error once cancelled
+    assert turn.stats.stop == "cancelled" and turn.threads_alive == 0
+    assert turn.stats.llm_steps < 400 and turn.token_ring.closed and turn.audio_ring.closed
+    made = len(calls)
+    time.sleep(0.3)
+    assert len(calls) == made  # nothing keeps running after the iteration ended
+    assert all(isinstance(e, (TextEvent, AudioEvent)) for e in rest)
+
+
+def test_closing_the_iterator_cancels_the_turn(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=2, step_limit=400), pipe.detokenizer())
+    events = iter(turn)
+    next(events)
+    events.close()
+    assert turn.cancelled and turn.threads_alive == 0 and turn.stats.stop == "cancelled"
+    assert turn.stats.llm_steps < 400
+    with pytest.raises(RuntimeError, match="runs once"):
+        next(iter(turn))

@@ -61,3 +61,18 @@ def test_unopenable_devices_raise_a_clear_error() -> None:
         Microphone(device=12345).record(timeout_s=0.1)
     with pytest.raises(AudioDeviceError, match="cannot open the speaker 12345"):
         Speaker(AudioRing(16), 24_000, device=12345).start()
+
+
+def test_speaker_flush_drops_what_is_queued_and_plays_on_afterwards() -> None:
+    ring = AudioRing(24_000, "block")
+    spk = Speaker(ring, 24_000, block=480)
+    ring.write(np.full(4800, 0.5, np.float32))
+    out = np.empty((480, 1), np.float32)
+    spk.callback(out, 480, None, None)
+    assert np.all(out == 0.5)
+    spk.flush()  # barge-in: 4320 queued samples must never be played
+    spk.callback(out, 480, None, None)
+    assert np.all(out == 0) and ring.available == 0
+    ring.write(np.full(480, -0.25, np.float32))  # the next answer plays normally
+    spk.callback(out, 480, None, None)
+    assert np.all(out == -0.25)
