@@ -1,17 +1,36 @@
 """Writing bundles atomically: everything goes into a temporary folder beside the target, the manifest is
 written last, and the folder is renamed into place only when complete. An interrupted export leaves no
-half bundle (at most a ``.<name>.partial-*`` folder, removed on the way out)."""
+half bundle (at most a ``.<name>.partial-*`` folder, removed on the way out). Overwriting replaces only an earlier
+bundle or an empty folder, never a folder that holds anything else."""
 from __future__ import annotations
 
+import json
 import shutil
-import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 from kimia_edge import __version__
-from kimia_edge.runtime.spec.manifest import (MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest, ModelConfig,
-                                              ShapeProfile)
+from kimia_edge.export.fileio import staging_dir
+from kimia_edge.runtime.spec.manifest import (FORMAT, MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest,
+                                              ModelConfig, ShapeProfile)
+
+
+def check_replaceable(out: Path) -> None:
+    """Raises unless ``out`` may be replaced by a new bundle: it is a kimia-edge bundle (its manifest names our
+    format, any version) or an empty folder. A folder holding anything else is never deleted."""
+    out = Path(out)
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out} exists and is not a folder: not replacing it")
+    if not any(out.iterdir()):
+        return
+    try:
+        is_bundle = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        is_bundle = False
+    if not is_bundle:
+        raise FileExistsError(f"{out} is not a kimia-edge bundle (no {MANIFEST_NAME} of format {FORMAT!r}): "
+                              "--overwrite replaces only a bundle or an empty folder; choose another --out")
 
 
 class BundleWriter:
@@ -31,10 +50,11 @@ class BundleWriter:
         self._tmp: Optional[Path] = None
 
     def __enter__(self) -> "BundleWriter":
-        if self.out.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out} already exists (pass overwrite=True / --overwrite to replace it)")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        if self.out.exists():
+            if not self.overwrite:
+                raise FileExistsError(f"{self.out} already exists (pass overwrite=True / --overwrite to replace it)")
+            check_replaceable(self.out)
+        self._tmp = staging_dir(self.out)
         return self
 
     @property
@@ -82,8 +102,13 @@ class BundleWriter:
                                 created_by=f"kimia-edge {__version__}")
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
             if self.out.exists():
-                shutil.rmtree(self.out)
-            tmp.rename(self.out)
+                check_replaceable(self.out)  # again: it may have changed during a long export
+                old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))
+                self.out.rename(old)
+                tmp.rename(self.out)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(self.out)
             self._tmp = None
         finally:
             if self._tmp is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kimia_edge.export.bundle import BundleWriter
+from kimia_edge.export.bundle import BundleWriter, check_replaceable
 from kimia_edge.export.graphs import REGISTRY, graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec, compare, export_graph, run_onnx, run_torch
 from kimia_edge.export.fileio import graph_files
@@ -188,8 +188,10 @@ def export_bundle(snapshot: Path, out: Path, precisions: Sequence[str] = DEFAULT
     bad = sorted(set(precisions) - set(PRECISION_NAMES))
     if bad or "fp32" not in precisions:
         raise ValueError(f"precisions must include fp32 and come from {PRECISION_NAMES}, got {list(precisions)}")
-    if Path(out).exists() and not overwrite:  # before any work, not after minutes of export
-        raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+    if Path(out).exists():  # before any work, not after minutes of export
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
+        check_replaceable(Path(out))
     names = list(graphs) if graphs else list(REGISTRY)
     speech = [to_16k_mono(*load_audio(p)) for p in calibration_audio]
     context = CalibrationContext(Path(snapshot), speech)

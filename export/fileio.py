@@ -10,6 +10,18 @@ from typing import BinaryIO, Callable, List
 FILE_MODE = 0o644  # mkstemp creates 0600; published files are world-readable like any other
 
 
+def staging_dir(out: Path) -> Path:
+    """A new empty folder beside ``out`` (``.<name>.partial-*``) to build ``out`` in, with a folder's usual
+    permissions (mkdtemp makes it 0700, which a published bundle or snapshot must not keep)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Calls ``write(f)`` on a temporary file in ``path``'s folder and renames it to ``path``."""
     path = Path(path)

@@ -162,3 +162,44 @@ def test_model_section_round_trips_and_is_validated(tmp_path: Path, tiny_model_c
     del raw["special_tokens"]["text_eos"]
     with pytest.raises(BundleError, match="model.special_tokens"):
         ModelConfig.from_dict(raw)
+
+
+def test_overwrite_replaces_a_bundle_or_an_empty_folder_and_nothing_else(tmp_path: Path, tiny_model_config,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "bundle"
+    _write(out, tiny_model_config)
+    (out / "stale.bin").write_bytes(b"from the old bundle")
+    with BundleWriter(out, model=tiny_model_config, source={}, overwrite=True) as w:
+        w.path("new.onnx").write_bytes(b"new")
+        w.add("vocoder", "vocoder", "onnx", "fp32", ["new.onnx"])
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "new.onnx"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no staging or replaced folder left
+
+    mine = tmp_path / "my-project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's work")
+    with pytest.raises(FileExistsError, match="is not a kimia-edge bundle"):
+        with BundleWriter(mine, model=tiny_model_config, source={}, overwrite=True):
+            pass
+    assert (mine / "notes.txt").read_text() == "the user's work"
+    monkeypatch.chdir(mine)  # `--out . --overwrite` in a user's folder
+    with pytest.raises(FileExistsError, match="is not a kimia-edge bundle"):
+        main(["export", "--snapshot", str(tmp_path / "none"), "--out", ".", "--overwrite"])
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # and no staging folder inside it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with BundleWriter(empty, model=tiny_model_config, source={}, overwrite=True) as w:
+        w.path("x.onnx").write_bytes(b"x")
+        w.add("vocoder", "vocoder", "onnx", "fp32", ["x.onnx"])
+    assert (empty / "manifest.json").is_file()
+
+
+def test_bundles_get_a_folders_usual_permissions(tmp_path: Path, tiny_model_config) -> None:
+    import os
+
+    out = tmp_path / "bundle"
+    _write(out, tiny_model_config)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700

@@ -8,13 +8,13 @@ complete: it is written next to ``out`` under a temporary name and renamed at th
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
 from tqdm import tqdm
 
+from kimia_edge.export.fileio import staging_dir
 from kimia_edge.export.snapshot.presets import check_size
 
 
@@ -52,7 +52,7 @@ def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable
         raise FileExistsError(f"{out} already exists; choose a new folder or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     writers = _writers()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
         for name in tqdm(chosen, desc=f"snapshot {size}", unit="component"):
             writers[name](tmp, size, seed + COMPONENTS.index(name))
