@@ -8,6 +8,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <string>
 
 #include "spsc_ring.hpp"
@@ -89,7 +90,9 @@ const char* policy_name(kimia::OverflowPolicy p) {
 double timeout_arg(const py::object& timeout) {
   if (timeout.is_none()) return -1.0;
   const double t = timeout.cast<double>();
+  if (std::isnan(t)) throw py::value_error("timeout must be a number of seconds >= 0 or None (wait forever), got NaN");
   if (t < 0) throw py::value_error("timeout must be >= 0 seconds or None (wait forever)");
+  if (std::isinf(t)) return -1.0;  // inf = forever, like None
   return t;
 }
 

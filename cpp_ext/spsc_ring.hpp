@@ -186,8 +186,12 @@ class SpscRing {
 
  private:
   static Clock::time_point deadline_from(double timeout_s) {
-    if (timeout_s < 0) return Clock::time_point::max();
-    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+    // Negative, NaN, infinite or beyond what the clock can add without overflowing (~292 years in ns): forever.
+    // A plain conversion of a huge timeout overflows to a time in the past and would return at once.
+    const auto now = Clock::now();
+    const double room_s = std::chrono::duration<double>(Clock::time_point::max() - now).count();
+    if (!(timeout_s >= 0) || !(timeout_s < room_s)) return Clock::time_point::max();
+    return now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
   }
 
   // Waits on cv until pred() or the deadline. The waiter count is raised (seq_cst RMW) before pred reads the

@@ -288,3 +288,21 @@ def test_wait_readable_waits_without_reading_or_counting() -> None:
     assert ring.available == 3 and ring.stats()["underruns"] == 0
     ring.close()
     assert ring.wait_readable(5, timeout=None) is False  # closed and short: returns at once
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 9.3e9, 1e300])
+def test_an_infinite_or_huge_timeout_waits_instead_of_returning_at_once(timeout: float) -> None:
+    ring = AudioRing(8, "block")
+    threading.Timer(0.2, lambda: ring.write(np.ones(4, np.float32))).start()
+    start = time.monotonic()
+    got = ring.read(4, timeout=timeout)  # used to return at once with an underrun: the deadline overflowed
+    assert got.tolist() == [1.0] * 4 and time.monotonic() - start >= 0.15
+    assert ring.stats()["underruns"] == 0
+    ring.write(np.ones(8, np.float32))
+    threading.Timer(0.2, lambda: ring.read(4)).start()
+    assert ring.write(np.ones(4, np.float32), timeout=timeout) == 4  # a full ring waits for room, then writes
+
+
+def test_a_nan_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        AudioRing(8).read(1, timeout=float("nan"))
