@@ -88,7 +88,26 @@ def load_audio(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
         raise AudioFileError(f"{path}: cannot read audio ({type(e).__name__}: {e})") from e
     if data.shape[0] == 0:
         raise AudioFileError(f"{path}: audio file holds no samples")
+    try:
+        check_sample_rate(int(sr))
+    except ValueError as e:
+        raise AudioFileError(f"{path}: {e}") from None
     return to_mono(data), int(sr)
+
+
+# Input rates accepted: telephone-band speech up to studio rates. Outside this, a header is more likely wrong
+# than the audio, and a resampling filter for such a ratio would be sized by the header.
+MIN_INPUT_RATE_HZ, MAX_INPUT_RATE_HZ = 4_000, 768_000
+# Largest polyphase factor used: rates whose exact ratio to 16 kHz needs more (e.g. 700 001 Hz -> 16000/700001, a
+# 14-million-tap filter) are resampled at the nearest ratio with a denominator <= this (< 2 ppm off in rate).
+MAX_RESAMPLE_FACTOR = 1024
+
+
+def check_sample_rate(sample_rate_hz: int) -> None:
+    """Raises ValueError with the reason if ``sample_rate_hz`` is outside the accepted input range."""
+    if not MIN_INPUT_RATE_HZ <= int(sample_rate_hz) <= MAX_INPUT_RATE_HZ:
+        raise ValueError(f"sample rate {sample_rate_hz} Hz is outside {MIN_INPUT_RATE_HZ}..{MAX_INPUT_RATE_HZ} Hz "
+                         "(resampled to 16 kHz inside that range; is the file's header right?)")
 
 
 SILENCE_PEAK_DBFS = -70.0  # below this peak level a clip holds no speech to answer
@@ -119,15 +138,15 @@ def to_mono(samples: np.ndarray) -> np.ndarray:
 
 def to_16k_mono(samples: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     """[S] or [S, C] audio at ``sample_rate_hz`` -> [S'] float32 mono at 16 kHz (polyphase resampling,
-    ``scipy.signal.resample_poly`` with the reduced ratio 16000 / sample_rate_hz)."""
-    if int(sample_rate_hz) <= 0:
-        raise ValueError(f"sample_rate_hz: expected a positive rate, got {sample_rate_hz}")
+    ``scipy.signal.resample_poly`` with the reduced ratio 16000 / sample_rate_hz, its factors capped at
+    MAX_RESAMPLE_FACTOR). ValueError for a rate outside MIN_INPUT_RATE_HZ..MAX_INPUT_RATE_HZ."""
+    check_sample_rate(sample_rate_hz)
     mono = to_mono(samples)
     if int(sample_rate_hz) == SAMPLE_RATE_HZ:
         return mono
     from scipy.signal import resample_poly
 
-    ratio = Fraction(SAMPLE_RATE_HZ, int(sample_rate_hz))
+    ratio = Fraction(SAMPLE_RATE_HZ, int(sample_rate_hz)).limit_denominator(MAX_RESAMPLE_FACTOR)
     out = resample_poly(mono.astype(np.float64), ratio.numerator, ratio.denominator)
     return out.astype(np.float32)
 

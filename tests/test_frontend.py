@@ -121,10 +121,26 @@ def test_resample_44k1_stereo_to_16k_mono(tmp_path: Path) -> None:
 
 
 def test_to_16k_mono_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="sample_rate_hz"):
+    with pytest.raises(ValueError, match="sample rate 0 Hz is outside"):
         fe.to_16k_mono(np.zeros(10, np.float32), 0)
     with pytest.raises(ValueError, match=r"\[S\] or \[S, C\]"):
         fe.to_16k_mono(np.zeros((2, 2, 2), np.float32), 16_000)
+
+
+def test_a_header_claiming_an_absurd_rate_is_refused_and_odd_rates_stay_small(tmp_path: Path) -> None:
+    import resource
+
+    import soundfile as sf
+
+    lie = tmp_path / "lie.wav"
+    sf.write(str(lie), np.zeros(32_000, np.float32) + 0.1, 4_000_001)  # 64 KB whose header says 4 MHz
+    with pytest.raises(fe.AudioFileError, match=r"lie.wav: sample rate 4000001 Hz is outside 4000\.\.768000 Hz"):
+        fe.load_audio(lie)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fe.to_16k_mono(np.full(70_000, 0.1, np.float32), 700_001)  # 0.1 s at a rate coprime with 16 000
+    assert abs(out.size - 1_600) <= 1
+    # the exact ratio 16000/700001 would design a 14-million-tap filter (> 100 MB); the capped one is tiny
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
 
 
 def test_bad_files_raise_errors_naming_the_path(tmp_path: Path) -> None:
