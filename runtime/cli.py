@@ -134,6 +134,7 @@ def _transcribe(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kimia_edge.runtime.frontend import AudioFileError, load_audio
+    from kimia_edge.runtime.generation import ContextFullError
     from kimia_edge.runtime.tasks import generation_config
 
     pipe = _pipeline(args, text_only=True)
@@ -142,9 +143,9 @@ def _transcribe(args: argparse.Namespace) -> int:
         try:
             samples, rate = load_audio(path)
             result = pipe.run(samples, rate, "asr", config=generation_config("asr", args.seed, step_limit=args.max_steps))
-        except AudioFileError as e:  # one bad file does not lose the others
+        except (AudioFileError, ContextFullError) as e:  # one bad or too long file does not lose the others
             failed += 1
-            tqdm.write(f"error: {e}", file=sys.stderr)
+            tqdm.write(f"error: {e}" if isinstance(e, AudioFileError) else f"error: {path}: {e}", file=sys.stderr)
             continue
         line = json.dumps({"file": str(path), "text": result.text}, ensure_ascii=False) if args.json else f"{path}: {result.text}"
         tqdm.write(line)
@@ -185,12 +186,14 @@ def _guarded(handler):
     def run(args: argparse.Namespace) -> int:
         from kimia_edge.runtime.audio_io import AudioDeviceError
         from kimia_edge.runtime.frontend import AudioFileError
+        from kimia_edge.runtime.generation import ContextFullError
         from kimia_edge.runtime.sessions import ProviderUnavailable
         from kimia_edge.runtime.spec.manifest import BundleError
 
         try:
             return handler(args)
-        except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError, ProviderUnavailable) as e:
+        except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError, ProviderUnavailable,
+                ContextFullError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return run

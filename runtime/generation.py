@@ -29,12 +29,14 @@ from typing import Callable, Iterator, List, Optional
 
 import numpy as np
 
+from .frontend import SAMPLE_RATE_HZ, SAMPLES_PER_TOKEN
 from .llm_backend import LLMBackend, accepts_head_flags, step_heads
 from .prompt import Prompt
 from .sampler import GREEDY_TEMPERATURE, SamplerParams, sample_token
 from .special_tokens import SpecialTokens
 
-__all__ = ["GenerationConfig", "GenerationStep", "GenerationResult", "generate_steps", "generate",
+__all__ = ["GenerationConfig", "GenerationStep", "GenerationResult", "generate_steps", "generate", "ContextFullError",
+           "context_steps",
            "IncrementalTextDecoder", "AUDIO_DELAY_TOKENS", "MAX_TOTAL_TOKENS_BOTH", "MAX_TOTAL_TOKENS_TEXT"]
 
 # kimia.py: `self.kimia_text_audiodelaytokens = 6` (hard-coded; config.json's kimia_mimo_audiodelaytokens unused).
@@ -95,7 +97,8 @@ class GenerationConfig:
 class GenerationStep:
     """One loop step. text_id / audio_id: what was fed back (after forcing). text_token: the id added to the output
     text (None if forced blank, EOS, or an audio-range id). audio_token: semantic id (id - offset) added to the output
-    audio, or None. stop: set on the last step ("text_eos", "audio_eos"; "max_tokens" on the final step by budget)."""
+    audio, or None. stop: set on the last step ("text_eos", "audio_eos"; "max_tokens" on the final step by budget,
+    "context_full" when the LLM's context ended the turn first)."""
 
     index: int
     text_id: int
@@ -137,12 +140,34 @@ def _skip_draw(params: SamplerParams, rng: np.random.Generator) -> None:
         rng.random()
 
 
+class ContextFullError(ValueError):
+    """The prompt (the clip plus the conversation's history) does not fit the LLM's context."""
+
+
+def context_steps(backend: LLMBackend, prompt_len: int) -> Optional[int]:
+    """Steps the backend's context leaves after a prompt of ``prompt_len`` positions (None: the backend has no fixed
+    context). Raises ContextFullError, with the numbers, if the prompt alone does not fit."""
+    n_ctx = getattr(backend, "n_ctx", None)
+    if n_ctx is None:
+        return None
+    if prompt_len >= n_ctx:
+        per_s = SAMPLE_RATE_HZ / SAMPLES_PER_TOKEN  # 12.5 prompt positions per second of speech
+        raise ContextFullError(f"the prompt needs {prompt_len} positions but the LLM context holds {n_ctx}: about "
+                               f"{(prompt_len - n_ctx) / per_s:.0f} s of speech too many ({per_s:g} positions per "
+                               "second, history included); send a shorter clip or start a new conversation")
+    return n_ctx - prompt_len
+
+
 def generate_steps(backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, token_offset: int,
                    config: GenerationConfig) -> Iterator[GenerationStep]:
     """Resets ``backend``, prefills ``prompt`` and yields one :class:`GenerationStep` per iteration."""
     config.validate()
     rng = np.random.default_rng(config.seed)
     max_steps = config.max_steps(len(prompt))
+    room = context_steps(backend, len(prompt))
+    context_bound = room is not None and room < max_steps
+    if context_bound:
+        max_steps = room
     backend.reset()
     if max_steps <= 0:
         return
@@ -197,7 +222,7 @@ def generate_steps(backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, t
         elif config.output_type == "both" and a in audio_stops:
             stop = "audio_eos"
         elif i == max_steps - 1:
-            stop = "max_tokens"
+            stop = "context_full" if context_bound else "max_tokens"
         yield GenerationStep(i, t, a, text_token, audio_token, stop)
         if stop is not None:
             return

@@ -25,7 +25,7 @@ import numpy as np
 
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
 from kimia_edge.runtime.frontend import check_audible, to_16k_mono
-from kimia_edge.runtime.generation import GenerationConfig
+from kimia_edge.runtime.generation import GenerationConfig, context_steps
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.metrics import RunMetrics
 from kimia_edge.runtime.prompt import AudioEncoding, Prompt, build_prompt
@@ -296,6 +296,7 @@ class Conversation:
             start = time.perf_counter()
             detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
             prompt = build_turn_prompt(c, task, clip, self.history, config.output_type)
+            context_steps(c.backend, len(prompt))  # a prompt the context cannot hold fails here, in the caller's thread
             encode_s = time.perf_counter() - start
             streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
                                       c.text_tokenizer.decode_bytes, detokenizer)

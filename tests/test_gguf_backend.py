@@ -333,3 +333,22 @@ def test_small_snapshot_parity(tmp_path):
         worst = _greedy_parity(TorchLLMBackend(model), be, model.config, np.random.default_rng(1), GREEDY_STEPS,
                                atol=2e-4)
     print(f"small snapshot: worst |logit diff| {worst:.3g}")
+
+
+def test_the_context_bounds_the_turn_and_a_prompt_it_cannot_hold_is_refused(tiny):
+    """A turn stops when the LLM's context is full (stop "context_full"), not with a decode error; a prompt longer than
+    the context is refused before any work, with the numbers."""
+    from kimia_edge.runtime.generation import ContextFullError
+
+    _, res, model = tiny
+    cfg = model.config
+    prompt = _loop_prompt(cfg, "text")
+    gcfg = GenerationConfig(output_type="text", text=GREEDY, audio=GREEDY, step_limit=200, skip_unused_heads=True)
+    room = 40
+    with _backend(res, n_ctx=len(prompt) + room) as be:
+        steps = list(generate_steps(be, prompt, TOKENS, cfg.kimia_token_offset, gcfg))
+        assert len(steps) == room and steps[-1].stop == "context_full"
+    with _backend(res, n_ctx=len(prompt) - 1) as be:
+        with pytest.raises(ContextFullError, match=rf"needs {len(prompt)} positions but the LLM context holds "
+                                                   rf"{len(prompt) - 1}"):
+            next(generate_steps(be, prompt, TOKENS, cfg.kimia_token_offset, gcfg))
