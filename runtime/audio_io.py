@@ -69,6 +69,15 @@ class EndpointDetector:
         return self.done
 
 
+def _sounddevice() -> Any:
+    """The sounddevice module; its import raises OSError where the PortAudio library is missing."""
+    try:
+        import sounddevice
+    except OSError as exc:
+        raise OSError(f"{exc} (Debian/Ubuntu: apt-get install libportaudio2)") from exc
+    return sounddevice
+
+
 class Microphone:
     """Captures one utterance: ``record()`` returns float32 mono samples at ``MIC_RATE_HZ`` once the endpoint
     detector fires (or ``stop()`` is called: push-to-talk)."""
@@ -97,11 +106,10 @@ class Microphone:
         self._done.set()
 
     def record(self, push_to_talk: bool = False, timeout_s: Optional[float] = None) -> np.ndarray:
-        import sounddevice as sd
-
         self._blocks, self._done = [], threading.Event()
         self._detector = None if push_to_talk else EndpointDetector(MIC_RATE_HZ, self.endpoint)
         try:
+            sd = _sounddevice()
             stream = sd.InputStream(samplerate=MIC_RATE_HZ, channels=1, dtype="float32", blocksize=self.block,
                                     device=self.device, callback=self.callback)
         except Exception as exc:  # PortAudioError, ValueError for an unknown device
@@ -133,9 +141,8 @@ class Speaker:
         self.ring.read_into_nowait(outdata.reshape(-1), pad_silence=True)
 
     def start(self) -> None:
-        import sounddevice as sd
-
         try:
+            sd = _sounddevice()
             self._stream = sd.OutputStream(samplerate=self.rate, channels=1, dtype="float32", blocksize=self.block,
                                            device=self.device, callback=self.callback)
             self._stream.start()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -75,9 +76,12 @@ def options_from_args(args: argparse.Namespace, text_only: bool = False):
     try:
         options.validate()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise OptionError(str(e)) from None
     return options
+
+
+class OptionError(ValueError):
+    """A command-line option the pipeline refuses (reported in one line by ``_guarded``)."""
 
 
 def _pipeline(args: argparse.Namespace, text_only: bool = False):
@@ -93,6 +97,12 @@ def _chat(args: argparse.Namespace) -> int:
     from kimia_edge.runtime.streaming import AudioEvent, TextEvent
     from kimia_edge.runtime.tasks import generation_config
 
+    if args.task == "chat" and args.output is None and not args.speaker:
+        print("error: chat answers with speech: give --output FILE.wav and/or --speaker (or --task qa for text only)",
+              file=sys.stderr)
+        return 2
+    if args.output is not None:
+        _check_writable(args.output)
     pipe = _pipeline(args)
     conversation = pipe.conversation(keep_history=args.mic)
     out = _Output(args.output, args.speaker, pipe.c.output_sample_rate_hz)
@@ -123,9 +133,20 @@ def _chat(args: argparse.Namespace) -> int:
         ok = True
     except KeyboardInterrupt:
         ok = turns > 0
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         out.close(write=ok)
     return 0
+
+
+def _check_writable(path: Path) -> None:
+    """Raises FileNotFoundError naming ``path`` if the answer could not be written there (checked before the turn
+    runs, not after it)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK) or \
+            (path.exists() and not os.access(path, os.W_OK)):
+        raise FileNotFoundError(f"cannot write the answer to {path} (missing folder, a folder, or no permission)")
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -162,6 +183,19 @@ def _precisions(text: str) -> str:
     return text
 
 
+def _count(minimum: int):
+    """argparse type: an int >= ``minimum``, refused with the reason otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     from kimia_edge.runtime.sessions import DEVICES
     from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
@@ -173,11 +207,11 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                         "CPU, fp16 on a GPU")
     p.add_argument("--llm-precision", help="GGUF variant (default: the smallest in the bundle)")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--n-gpu-layers", type=int, default=0, help="LLM layers on the GPU (untested on GPU)")
-    p.add_argument("--first-chunk-tokens", type=int, help="smaller first detokenizer chunk = earlier first audio")
-    p.add_argument("--max-steps", type=int, help="cap on generation steps (not official)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=_count(1))
+    p.add_argument("--n-gpu-layers", type=_count(0), default=0, help="LLM layers on the GPU (untested on GPU)")
+    p.add_argument("--first-chunk-tokens", type=_count(1), help="smaller first detokenizer chunk = earlier first audio")
+    p.add_argument("--max-steps", type=_count(1), help="cap on generation steps (not official)")
+    p.add_argument("--seed", type=_count(0))
     p.add_argument("--json", action="store_true", help="print results and metrics as JSON")
 
 
@@ -193,7 +227,7 @@ def _guarded(handler):
         try:
             return handler(args)
         except (AudioFileError, BundleError, AudioDeviceError, FileNotFoundError, ProviderUnavailable,
-                ContextFullError) as e:
+                ContextFullError, PermissionError, OptionError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     return run
@@ -215,7 +249,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     src.add_argument("--input", type=Path, help="speech file (any rate, any number of channels)")
     src.add_argument("--mic", action="store_true", help="live microphone, one utterance per turn, with history")
     chat.add_argument("--mic-device", help="sounddevice input device (name or index)")
-    chat.add_argument("--turns", type=int, help="with --mic: stop after this many turns (default: until Ctrl-C)")
+    chat.add_argument("--turns", type=_count(1), help="with --mic: stop after this many turns (default: until Ctrl-C)")
     dst = chat.add_argument_group("output (at least one)")
     dst.add_argument("--output", type=Path, help="write the spoken answer here (24 kHz wav)")
     dst.add_argument("--speaker", action="store_true", help="play the answer while it is generated")

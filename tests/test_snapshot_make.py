@@ -125,3 +125,19 @@ def test_cli_size_choices_come_from_the_presets_without_torch() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["small", *SIZES]
+
+
+def test_sigterm_during_make_leaves_no_partial_folder(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "kimia_edge.cli", "snapshot", "make", "--size", "small",
+                             "--out", str(tmp_path / "snap")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.glob(".snap.partial-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert any(tmp_path.glob(".snap.partial-*")), "the writer never started"
+    time.sleep(1.0)  # well inside the ~10 s the small snapshot takes
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # neither a snapshot nor a staging folder

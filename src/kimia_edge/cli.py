@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,7 +47,14 @@ def quiet_torch_logs(verbose: int) -> None:
         os.environ["TORCH_LOGS"] = "-all"  # "-" = ERROR; an empty TORCH_LOGS would break torch's import
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM ends the command like Ctrl-C does: cleanup code runs (an export's staging folder is removed)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
     # -v: our own logs at INFO (third-party libraries stay at WARNING: onnx_ir alone logs ~2 900 lines per graph

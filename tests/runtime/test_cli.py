@@ -114,3 +114,24 @@ def test_build_verbs_name_the_missing_extra_in_one_line(argv: list, capsys: pyte
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pip install 'kimia-edge[build]'" in err[0] and "torch" in err[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--max-steps", "-1"), ("--seed", "-3"), ("--first-chunk-tokens", "0"),
+                                         ("--threads", "0"), ("--max-steps", "many")])
+def test_bad_numbers_are_refused_by_the_parser(bundle: Path, flag: str, value: str,
+                                               capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["transcribe", "--bundle", str(bundle), "x.wav", flag, value])
+    assert done.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_problems_that_would_lose_the_answer_are_found_before_the_turn(bundle: Path, shared_audio: Path,
+                                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    question = str(shared_audio / "qa_example.wav")
+    assert main(["chat", "--bundle", str(bundle), "--input", question]) == 2  # speech with nowhere to go
+    assert "give --output FILE.wav and/or --speaker" in capsys.readouterr().err
+    assert main(["chat", "--bundle", str(bundle), "--input", question, "--output", str(tmp_path / "no" / "a.wav")]) == 2
+    assert "cannot write the answer to" in capsys.readouterr().err
+    assert main(["chat", "--bundle", str(bundle), "--input", question, "--output", str(tmp_path / "o.wav"),
+                 "--threads", "100000"]) == 2
+    assert "threads: expected 1..1024" in capsys.readouterr().err
