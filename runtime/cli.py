@@ -72,7 +72,7 @@ def options_from_args(args: argparse.Namespace, text_only: bool = False):
     streaming = {"first_chunk_tokens": args.first_chunk_tokens} if args.first_chunk_tokens else {}
     options = PipelineOptions(precision=args.precision, llm_precision=args.llm_precision, device=args.device,
                               threads=args.threads, n_gpu_layers=args.n_gpu_layers, streaming=streaming,
-                              text_only=text_only)
+                              text_only=text_only, prepack=not args.fast_start)
     try:
         options.validate()
     except ValueError as e:
@@ -213,6 +213,9 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=_count(1), help="cap on generation steps (not official)")
     p.add_argument("--seed", type=_count(0))
     p.add_argument("--json", action="store_true", help="print results and metrics as JSON")
+    p.add_argument("--fast-start", action="store_true",
+                   help="open the ONNX graphs without repacking their weights: ready in seconds instead of a minute at "
+                        "full size, synthesis somewhat slower (docs/benchmarks.md)")
 
 
 def _guarded(handler):

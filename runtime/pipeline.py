@@ -55,7 +55,9 @@ class PipelineOptions:
     tensorrt. ``threads``: per ONNX session and for llama.cpp (None: their defaults). ``n_gpu_layers``: LLM layers on
     the GPU (untested on GPU). ``streaming``: overrides of the bundle's streaming schedule, e.g.
     ``{"first_chunk_tokens": 10}``. ``text_only``: open neither the DiT, the vocoder nor the LLM's audio branch (asr,
-    qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``).
+    qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``). ``prepack``:
+    let ONNX Runtime repack the weights when a session opens (faster steady state, slower start; False starts in
+    seconds: see ``runtime/sessions.open_session``).
     """
 
     precision: Optional[str] = None
@@ -66,6 +68,7 @@ class PipelineOptions:
     streaming: Mapping[str, Any] = field(default_factory=dict)
     text_only: bool = False
     cache_dir: Optional[Path] = None
+    prepack: bool = True
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
@@ -185,7 +188,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     ensure_usable(bundle, manifest, artifacts.values(), options.cache_dir)
 
     sessions = {name: open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
-                                   cache_dir=options.cache_dir)
+                                   cache_dir=options.cache_dir, prepack=options.prepack)
                 for name in RUNTIME_GRAPHS if name in artifacts}
     codebook = np.load(bundle / artifacts[VQ_CODEBOOK].path, allow_pickle=False)
     tokenizer = OnnxAudioTokenizer(sessions["vq_encoder"], sessions["whisper_encoder"], codebook,

@@ -148,8 +148,13 @@ def open_session(
     threads: Optional[int] = None,
     cache_dir: Optional[Path] = None,
     strict: bool = False,
+    prepack: bool = True,
 ) -> Session:
     """Opens ``artifact`` of the bundle at ``bundle_root`` on the best provider ``device`` allows.
+
+    ``prepack``: ONNX Runtime's CPU kernels repack every MatMul weight into their own layout when the session opens
+    (a copy of the weights; 14-26 s for the full-size DiT step here) and run faster afterwards (5.4-7.0 vs 7.05 s per
+    full-size DiT step, docs/benchmarks.md). False opens in a fraction of a second on the memory-mapped weights.
 
     ``cache_dir``: the cache root (default ``default_cache_dir()``): engines in ``engines/``, the TensorRT EP's
     caches in ``trt-ep/``. Logs the provider it got at INFO, and every fallback at WARNING with the reason; with
@@ -181,6 +186,8 @@ def open_session(
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+    if not prepack:  # the memory-mapped weights are used as they lie: opens in ~0.1 s instead of seconds per GB
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if TRT_EP in plan:
         try:
             (cache_root / TRT_EP_SUBDIR).mkdir(parents=True, exist_ok=True)

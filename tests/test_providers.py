@@ -82,6 +82,18 @@ def test_open_session_on_cpu_reports_the_provider_it_got(tmp_path: Path, caplog:
     assert out.tolist() == [3.0, -4.0]
 
 
+def test_fast_start_opens_without_repacking_the_weights(tmp_path: Path) -> None:
+    art = _double_graph(tmp_path)
+    key = "session.disable_prepacking"
+    packed = open_session(tmp_path, art, device="cpu", threads=1, cache_dir=tmp_path / "cache")
+    fast = open_session(tmp_path, art, device="cpu", threads=1, cache_dir=tmp_path / "cache", prepack=False)
+    assert fast.impl.get_session_options().get_session_config_entry(key) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # the default: ORT prepacks
+        packed.impl.get_session_options().get_session_config_entry(key)
+    x = {"x": np.array([0.25, 8.0], dtype=np.float32)}
+    assert fast.run(x)[0].tolist() == packed.run(x)[0].tolist() == [0.5, 16.0]
+
+
 NO_TRT = engine_runtime_missing()
 ORIN = EngineTarget("10.3.0", GpuIdentity("Orin", "8.7"))
 
