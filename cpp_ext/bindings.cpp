@@ -109,6 +109,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "write",
           [](Ring& r, const py::buffer& data, const py::object& timeout) {
+            auto side = r.producer_scope();
             auto v = as_view<T>(data, false, "data");
             const double t = timeout_arg(timeout);
             if (v.size() > kReleaseGilAbove) {
@@ -123,6 +124,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "write_nowait",
           [](Ring& r, const py::buffer& data) {
+            auto side = r.producer_scope();
             auto v = as_view<T>(data, false, "data");
             if (v.size() > kReleaseGilAbove) {
               py::gil_scoped_release nogil;
@@ -136,6 +138,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "read_into",
           [](Ring& r, const py::buffer& out, const py::object& timeout) {
+            auto side = r.consumer_scope();
             auto v = as_view<T>(out, true, "out");
             const double t = timeout_arg(timeout);
             if (v.size() > kReleaseGilAbove) {
@@ -150,6 +153,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "read_into_nowait",
           [](Ring& r, const py::buffer& out, bool pad_silence) {
+            auto side = r.consumer_scope();
             auto v = as_view<T>(out, true, "out");
             if (v.size() > kReleaseGilAbove) {
               py::gil_scoped_release nogil;
@@ -163,6 +167,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "read",
           [](Ring& r, size_t n, const py::object& timeout) {
+            auto side = r.consumer_scope();
             py::array_t<T> out(static_cast<py::ssize_t>(n));
             const double t = timeout_arg(timeout);
             size_t got;
@@ -179,6 +184,7 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "read_nowait",
           [](Ring& r, size_t n) {
+            auto side = r.consumer_scope();
             py::array_t<T> out(static_cast<py::ssize_t>(n));
             const size_t got = r.read_nowait(out.mutable_data(), n, false);
             return got == n ? out : py::array_t<T>(out[py::slice(0, static_cast<py::ssize_t>(got), 1)]);
@@ -187,13 +193,15 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       .def(
           "wait_readable",
           [](Ring& r, size_t n, const py::object& timeout) {
+            auto side = r.consumer_scope();
             const double t = timeout_arg(timeout);
             return r.template wait_readable<py::gil_scoped_release>(n, t);
           },
           py::arg("n") = 1, py::arg("timeout") = py::none(),
           "Waits (GIL released) until n elements can be read, the ring is closed, or `timeout` expires; reads "
           "and counts nothing. Returns True if the n elements are there.")
-      .def("clear", &Ring::clear, "Discards everything buffered (call from the reader, or with no reader running).")
+      .def("clear", [](Ring& r) { auto side = r.consumer_scope(); r.clear(); },
+           "Discards everything buffered (call from the reader, or with no reader running).")
       .def("close", &Ring::close, py::call_guard<py::gil_scoped_release>(),
            "Ends the stream: later writes raise RingClosedError; waiting readers and writers wake up; "
            "readers drain what is left, then get short reads (end of stream).")

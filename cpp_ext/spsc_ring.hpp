@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 
 namespace kimia {
@@ -71,6 +72,28 @@ class SpscRing {
       : capacity_(capacity), policy_(policy), slots_(capacity ? new Bits[capacity]() : nullptr) {
     if (capacity == 0) throw std::invalid_argument("capacity must be at least 1 sample");
   }
+
+  // One producer and one consumer: a second thread entering a side while another is inside it (two producers
+  // both waiting for space, say) would write over the same slots. The bindings hold a scope for every call, so
+  // such a call raises instead of silently losing data.
+  class SideScope {
+   public:
+    SideScope(std::atomic<int>& inside, const char* side) : inside_(inside) {
+      if (inside_.fetch_add(1, std::memory_order_acq_rel) != 0) {
+        inside_.fetch_sub(1, std::memory_order_acq_rel);
+        throw std::logic_error(std::string("two threads used the ") + side +
+                               " side of a single-producer single-consumer ring at the same time");
+      }
+    }
+    ~SideScope() { inside_.fetch_sub(1, std::memory_order_acq_rel); }
+    SideScope(const SideScope&) = delete;
+    SideScope& operator=(const SideScope&) = delete;
+
+   private:
+    std::atomic<int>& inside_;
+  };
+  SideScope producer_scope() { return SideScope(producers_inside_, "producer"); }
+  SideScope consumer_scope() { return SideScope(consumers_inside_, "consumer"); }
 
   size_t capacity() const { return capacity_; }
   OverflowPolicy policy() const { return policy_; }
@@ -341,6 +364,8 @@ class SpscRing {
   std::atomic<uint64_t> claim_{0};             // DropOldest: end of the range the producer may be writing
   alignas(64) std::atomic<uint64_t> tail_{0};  // written by the consumer
   alignas(64) std::atomic<bool> closed_{false};
+  std::atomic<int> producers_inside_{0};
+  std::atomic<int> consumers_inside_{0};
 
   std::atomic<uint64_t> stat_read_{0};
   std::atomic<uint64_t> stat_dropped_{0};

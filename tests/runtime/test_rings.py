@@ -306,3 +306,32 @@ def test_an_infinite_or_huge_timeout_waits_instead_of_returning_at_once(timeout:
 def test_a_nan_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="NaN"):
         AudioRing(8).read(1, timeout=float("nan"))
+
+
+def test_a_second_producer_or_consumer_at_the_same_time_is_refused() -> None:
+    ring = AudioRing(8, "block")
+    wrote = []
+    first = threading.Thread(target=lambda: wrote.append(ring.write(np.ones(16, np.float32))))  # waits for room
+    first.start()
+    assert _eventually(lambda: ring.available == 8)
+    with pytest.raises(RuntimeError, match="two threads used the producer side"):
+        ring.write(np.full(4, 2.0, np.float32))  # would have written over the same slots
+    assert ring.read(8).tolist() == [1.0] * 8
+    first.join(10)
+    assert wrote == [16] and ring.read(8).tolist() == [1.0] * 8
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(ring.read(4, timeout=10)))  # waits for data
+    waiting.start()
+    time.sleep(0.1)
+    with pytest.raises(RuntimeError, match="two threads used the consumer side"):
+        ring.read_into_nowait(np.empty(4, np.float32))
+    ring.write(np.ones(4, np.float32))  # one side at a time stays allowed, from any thread
+    waiting.join(10)
+    assert got[0].tolist() == [1.0] * 4
+
+
+def _eventually(predicate, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return predicate()
