@@ -21,13 +21,22 @@ def missing_build_modules() -> list:
 
 
 def _needs_build_extra(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Runs a build-time handler: one line naming the extra when it is missing, and one line (exit 2) for the errors
+    a user can act on — a file or folder that is missing, exists or is not what it should be (OSError), a bad snapshot,
+    config or bundle (ValueError, BundleError and AudioFileError among them). With -v the traceback is shown."""
     def run(args: argparse.Namespace) -> int:
         missing = missing_build_modules()
         if missing:
             print(f"error: 'kimia-edge {args.command}' is build time and needs the build extra (missing: "
                   f"{', '.join(missing)}): pip install 'kimia-edge[build]'", file=sys.stderr)
             return 2
-        return handler(args)
+        try:
+            return handler(args)
+        except (OSError, ValueError) as e:
+            if getattr(args, "verbose", 0):
+                raise
+            print(f"error: {e} (-v shows where it came from)", file=sys.stderr)
+            return 2
     return run
 
 

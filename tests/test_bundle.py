@@ -165,7 +165,8 @@ def test_model_section_round_trips_and_is_validated(tmp_path: Path, tiny_model_c
 
 
 def test_overwrite_replaces_a_bundle_or_an_empty_folder_and_nothing_else(tmp_path: Path, tiny_model_config,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bundle"
     _write(out, tiny_model_config)
     (out / "stale.bin").write_bytes(b"from the old bundle")
@@ -182,9 +183,10 @@ def test_overwrite_replaces_a_bundle_or_an_empty_folder_and_nothing_else(tmp_pat
         with BundleWriter(mine, model=tiny_model_config, source={}, overwrite=True):
             pass
     assert (mine / "notes.txt").read_text() == "the user's work"
-    monkeypatch.chdir(mine)  # `--out . --overwrite` in a user's folder
-    with pytest.raises(FileExistsError, match="is not a kimia-edge bundle"):
-        main(["export", "--snapshot", str(tmp_path / "none"), "--out", ".", "--overwrite"])
+    monkeypatch.chdir(mine)  # `--out . --overwrite` in a user's folder: one line, exit 2, nothing lost
+    assert main(["export", "--snapshot", str(tmp_path / "none"), "--out", ".", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a kimia-edge bundle" in err[0]
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # and no staging folder inside it
 
     empty = tmp_path / "empty"

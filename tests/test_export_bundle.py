@@ -53,11 +53,14 @@ def test_altered_artifact_is_refused(bundle: Path, tmp_path: Path) -> None:
         load_bundle(copy)
 
 
-def test_export_refuses_an_existing_bundle(bundle: Path) -> None:
+def test_export_refuses_an_existing_bundle(bundle: Path, capsys: pytest.CaptureFixture) -> None:
     manifest_before = json.loads((bundle / "manifest.json").read_text())
-    with pytest.raises(FileExistsError):
-        main(["export", "--snapshot", "unused", "--out", str(bundle), "--graphs", "vocoder", "--no-llm"])
+    assert main(["export", "--snapshot", "unused", "--out", str(bundle), "--graphs", "vocoder", "--no-llm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists (pass --overwrite to replace it)" in err[0]
     assert json.loads((bundle / "manifest.json").read_text()) == manifest_before
+    with pytest.raises(FileExistsError):  # -v shows the traceback instead
+        main(["-v", "export", "--snapshot", "unused", "--out", str(bundle), "--graphs", "vocoder", "--no-llm"])
 
 
 def test_variant_outside_its_tolerance_is_not_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

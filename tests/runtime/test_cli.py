@@ -135,3 +135,14 @@ def test_problems_that_would_lose_the_answer_are_found_before_the_turn(bundle: P
     assert main(["chat", "--bundle", str(bundle), "--input", question, "--output", str(tmp_path / "o.wav"),
                  "--threads", "100000"]) == 2
     assert "threads: expected 1..1024" in capsys.readouterr().err
+
+
+def test_a_gpu_device_on_a_machine_without_one_is_one_line(bundle: Path, shared_audio: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime offers CUDA: the missing-GPU error cannot be provoked")
+    assert main(["transcribe", "--bundle", str(bundle), "--device", "cuda", str(shared_audio / "qa_example.wav")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "onnxruntime-gpu" in err[0]
