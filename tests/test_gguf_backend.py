@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gguf
-from kimia_edge.export.gguf_export import (ADAPTOR_FILE, AUDIO_FILE, KIMIA_KEYS, TRUNK_FILE, export_llm_gguf,
+from kimia_edge.export.gguf_export import (KIMIA_KEYS, export_llm_gguf,
                                            gguf_component_bytes)
 from kimia_edge.export.gguf_quantize import quantize_llm
 from kimia_edge.export.reference.llm import continuous_feature_scale

@@ -8,7 +8,6 @@ torch-free runtime, streams the text, prints the metrics and writes the spoken a
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
