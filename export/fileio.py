@@ -1,13 +1,16 @@
-"""Writing files so that a reader never sees half of one: write to a temporary file beside the target, then
-rename over it (atomic on POSIX). An interrupted write leaves the old file, or none."""
+"""Build-time file helpers: staging folders for bundles and snapshots, and the files of an ONNX graph.
+``atomic_write`` (a reader never sees half a file) is the runtime's own, re-exported here."""
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, List
+from typing import List
 
-FILE_MODE = 0o644  # mkstemp creates 0600; published files are world-readable like any other
+from kimia_edge.runtime.fileio import atomic_write
+
+__all__ = ["atomic_write", "staging_dir", "external_data_file", "graph_files"]
+
 
 
 def staging_dir(out: Path) -> Path:
@@ -20,21 +23,6 @@ def staging_dir(out: Path) -> Path:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Calls ``write(f)`` on a temporary file in ``path``'s folder and renames it to ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def external_data_file(graph: Path) -> Path:

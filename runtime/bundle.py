@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .fileio import atomic_write
 from .spec.manifest import MANIFEST_NAME, Artifact, BundleError, Manifest, sha256_file
 
 __all__ = ["read_manifest", "verify_bundle", "load_bundle", "ensure_usable", "check_artifacts", "stamp_path",
@@ -84,9 +85,8 @@ def _read_stamp(path: Path) -> Dict[str, List]:
 def _write_stamp(path: Path, root: Path, files: Dict[str, List]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"bundle": str(Path(root).resolve()), "files": files}), encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps({"bundle": str(Path(root).resolve()), "files": files})
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     except OSError as e:  # an unwritable cache only costs the next start a full hash
         log.info("verification stamp not written (%s): the next start hashes again", e)
 

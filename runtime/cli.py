@@ -143,8 +143,7 @@ def _chat(args: argparse.Namespace) -> int:
 def _check_writable(path: Path) -> None:
     """Raises FileNotFoundError naming ``path`` if the answer could not be written there (checked before the turn
     runs, not after it)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK) or \
+    if path.is_dir() or not path.parent.is_dir() or not os.access(path.parent, os.W_OK) or \
             (path.exists() and not os.access(path, os.W_OK)):
         raise FileNotFoundError(f"cannot write the answer to {path} (missing folder, a folder, or no permission)")
 
@@ -263,4 +262,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _runtime_options(tr)
     tr.add_argument("inputs", type=Path, nargs="+")
     tr.set_defaults(handler=_guarded(_transcribe))
-    from kimia_edge.runtime.engines_cli import register as register_engines; register_engines(sub)  # engines build
+    from kimia_edge.runtime.engines_cli import register as register_engines
+
+    register_engines(sub)  # engines build

@@ -212,10 +212,13 @@ class StreamingDetokenizer:
         tokens_in = frames_in // up
         return min(self.config.look_ahead_tokens, tokens_in // 2) * up
 
-    def _net(self, x: np.ndarray, t_int: int, ids: np.ndarray, positions: np.ndarray
-             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _check_interrupt(self) -> None:
         if self.interrupt is not None and self.interrupt.is_set():
             raise Interrupted("the streaming detokenizer was interrupted")
+
+    def _net(self, x: np.ndarray, t_int: int, ids: np.ndarray, positions: np.ndarray
+             ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._check_interrupt()
         frames = x.shape[0]
         vel, k, v = self.dit_step(x[None], np.asarray([t_int], dtype=np.int64), ids[None], positions[None],
                                   self._prefix_k, self._prefix_v)
@@ -290,8 +293,7 @@ class StreamingDetokenizer:
 
     # ---- vocoder and cross-fade ---------------------------------------------------------------------------------
     def _vocode(self, mel: np.ndarray) -> np.ndarray:
-        if self.interrupt is not None and self.interrupt.is_set():
-            raise Interrupted("the streaming detokenizer was interrupted")
+        self._check_interrupt()
         wav = np.asarray(self.vocoder(mel), dtype=np.float32).reshape(-1)
         expected = mel.shape[0] * self.config.frame_size_samples
         if wav.shape[0] != expected:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from kimia_edge.runtime.bundle import default_cache_dir
+from kimia_edge.runtime.fileio import atomic_write
 from kimia_edge.runtime.spec.manifest import Artifact, ShapeProfile
 from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, onnx_precision
 
@@ -177,20 +176,6 @@ def engine_target() -> EngineTarget:
     return EngineTarget(tensorrt_version=trt.__version__, gpu=current_gpu())
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` beside ``path`` and renames it over ``path``: a reader never sees half an engine."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def build_engine(bundle_root: Path, artifact: Artifact, cache_root: Optional[Path] = None,
                  workspace_bytes: int = DEFAULT_WORKSPACE_BYTES) -> Tuple[Path, bool]:
     """Builds the engine of ``artifact`` (an ONNX graph of the bundle at ``bundle_root``), or finds it in the cache.
@@ -231,6 +216,6 @@ def build_engine(bundle_root: Path, artifact: Artifact, cache_root: Optional[Pat
     serialized = builder.build_serialized_network(network, bc)
     if serialized is None:
         raise RuntimeError(f"{artifact.name}: TensorRT failed to build the engine (see the log above)")
-    _write_atomically(path, bytes(serialized))
-    _write_atomically(timing_path, bytes(bc.get_timing_cache().serialize()))
+    atomic_write(path, lambda f: f.write(bytes(serialized)))
+    atomic_write(timing_path, lambda f: f.write(bytes(bc.get_timing_cache().serialize())))
     return path, True
