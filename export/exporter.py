@@ -26,7 +26,7 @@ from kimia_edge.export.graphs import REGISTRY, graph_spec
 from kimia_edge.export.graphs.base import CalibrationContext, ErrorStats, GraphSpec, compare, export_graph, run_onnx, run_torch
 from kimia_edge.export.fileio import graph_files
 from kimia_edge.quantization.variants import make_variant
-from kimia_edge.runtime.spec.graphs import TEXT_TOKENIZER, llm_artifact
+from kimia_edge.runtime.spec.graphs import TEXT_TOKENIZER, VAD, VAD_COMPONENT, VAD_DIR, llm_artifact
 from kimia_edge.runtime.spec.manifest import MANIFEST_NAME, ModelConfig
 from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
 
@@ -178,6 +178,38 @@ def copy_text_tokenizer(writer: BundleWriter, snapshot: Path) -> None:
     writer.add(TEXT_TOKENIZER, "tokenizer", "tiktoken", "n/a", files)
 
 
+VAD_PACKAGE = "silero-vad"
+VAD_MODEL = "silero_vad/data/silero_vad.onnx"  # the graph silero-vad's own load_silero_vad(onnx=True) opens
+
+
+def copy_vad(writer: BundleWriter) -> bool:
+    """Copies Silero VAD's ONNX graph and its MIT licence from the installed silero-vad package into ``vad/`` and
+    lists them as the ``vad`` artifact (fp32, ``extra`` names the package version). The package is located through
+    its metadata, never imported (its __init__ imports torch and sets torch's thread count). Without the package:
+    a warning, no artifact (the runtime then uses energy VAD). Returns whether the artifact was added."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(VAD_PACKAGE)
+    except metadata.PackageNotFoundError:
+        log.warning("%s is not installed: the bundle gets no VAD (the runtime falls back to energy VAD); "
+                    "pip install %s", VAD_PACKAGE, VAD_PACKAGE)
+        return False
+    model = Path(str(dist.locate_file(VAD_MODEL)))
+    licence = next((f for f in dist.files or () if Path(str(f)).name in ("LICENSE", "LICENSE.txt")), None)
+    if not model.is_file() or licence is None:
+        log.warning("%s %s: %s or its LICENSE not found in the installed package: the bundle gets no VAD",
+                    VAD_PACKAGE, dist.version, VAD_MODEL)
+        return False
+    shutil.copyfile(model, writer.path(f"{VAD_DIR}/{model.name}"))
+    writer.path(f"{VAD_DIR}/LICENSE").write_text(licence.read_text(encoding="utf-8"), encoding="utf-8")
+    writer.add(VAD, VAD_COMPONENT, "onnx", "fp32", [f"{VAD_DIR}/{model.name}", f"{VAD_DIR}/LICENSE"],
+               extra={"package": f"{VAD_PACKAGE}=={dist.version}", "licence": "MIT", "sample_rate_hz": 16_000,
+                      "window_samples": 512})
+    log.info("VAD: %s %s copied into the bundle", VAD_PACKAGE, dist.version)
+    return True
+
+
 def export_bundle(snapshot: Path, out: Path, precisions: Sequence[str] = DEFAULT_PRECISIONS,
                   graphs: Optional[Sequence[str]] = None, calibration_audio: Sequence[Path] = (),
                   llm_precision: Optional[str] = "f16", llm_quants: Sequence[str] = DEFAULT_LLM_QUANTS,
@@ -198,6 +230,7 @@ def export_bundle(snapshot: Path, out: Path, precisions: Sequence[str] = DEFAULT
     start = time.perf_counter()
     with BundleWriter(out, model=model_config(snapshot), source=source_info(snapshot), overwrite=overwrite) as w:
         copy_text_tokenizer(w, snapshot)
+        copy_vad(w)
         export_graphs(w, snapshot, names, precisions, context, seed)
         if llm_precision:
             export_llm(w, snapshot, llm_precision, llm_quants)
@@ -216,4 +249,4 @@ def audio_files(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
-__all__ = ["export_bundle", "model_config", "source_info", "DEFAULT_PRECISIONS", "MANIFEST_NAME"]
+__all__ = ["export_bundle", "copy_vad", "model_config", "source_info", "DEFAULT_PRECISIONS", "MANIFEST_NAME"]

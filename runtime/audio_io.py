@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from kimia_edge.runtime.rings import AudioRing
+from kimia_edge.runtime.vad import SPEECH_STOPPED, EnergyVad, VadConfig
 
 MIC_RATE_HZ = 16_000  # what the encoders take; PortAudio resamples if the device cannot
 
@@ -35,37 +36,24 @@ class EndpointConfig:
 
 class EndpointDetector:
     """Feed it blocks of samples; ``done`` turns True once speech was followed by ``silence_s`` of silence (or the
-    utterance reached its maximum). Pure numpy, no device."""
+    utterance reached its maximum). Pure numpy, no device: the energy state machine of ``runtime/vad.EnergyVad``
+    (one onset / offset rule for the endpoint and for the VAD) plus the length cap."""
 
     def __init__(self, sample_rate_hz: int, config: EndpointConfig = EndpointConfig()) -> None:
         self.cfg = config
-        self.frame = max(1, int(config.frame_s * sample_rate_hz))
+        self.vad = EnergyVad(VadConfig(min_speech_s=config.min_speech_s, min_silence_s=config.silence_s,
+                                       pre_roll_s=0.0),
+                             speech_db=config.speech_db, frame_s=config.frame_s, sample_rate_hz=sample_rate_hz)
         self.rate = sample_rate_hz
-        self._pending = np.zeros(0, np.float32)
-        self.speech_frames = 0
-        self.silent_frames_after_speech = 0
-        self.total_frames = 0
+        self.samples = 0
         self.done = False
 
     def push(self, samples: np.ndarray) -> bool:
-        x = np.concatenate([self._pending, np.asarray(samples, np.float32).reshape(-1)])
-        n = len(x) // self.frame
-        self._pending = x[n * self.frame:]
-        if n == 0:
-            return self.done
-        frames = x[: n * self.frame].reshape(n, self.frame)
-        level_db = 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
-        min_speech = self.cfg.min_speech_s / self.cfg.frame_s
-        for loud in level_db > self.cfg.speech_db:
-            self.total_frames += 1
-            if loud:
-                self.speech_frames += 1
-                self.silent_frames_after_speech = 0
-            elif self.speech_frames >= min_speech:
-                self.silent_frames_after_speech += 1
-            if (self.speech_frames >= min_speech and self.silent_frames_after_speech * self.cfg.frame_s >= self.cfg.silence_s) \
-                    or self.total_frames * self.cfg.frame_s >= self.cfg.max_utterance_s:
-                self.done = True
+        samples = np.asarray(samples, np.float32).reshape(-1)
+        self.samples += len(samples)
+        if any(e.kind == SPEECH_STOPPED for e in self.vad.push(samples)) \
+                or self.samples >= self.cfg.max_utterance_s * self.rate:
+            self.done = True
         return self.done
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 __all__ = ["GraphContract", "GRAPHS", "ONNX_GRAPHS", "RUNTIME_GRAPHS", "TEXT_ONLY_SKIPPED_GRAPHS", "VQ_CODEBOOK",
-           "TEXT_TOKENIZER", "LLM_TRUNK", "LLM_AUDIO", "LLM_ADAPTOR", "LLM_ROLES", "llm_artifact"]
+           "TEXT_TOKENIZER", "LLM_TRUNK", "LLM_AUDIO", "LLM_ADAPTOR", "LLM_ROLES", "llm_artifact", "VAD", "VAD_COMPONENT",
+           "VAD_DIR"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ TEXT_ONLY_SKIPPED_GRAPHS: Tuple[str, ...] = ("dit_step", "vocoder")
 VQ_CODEBOOK = "vq_codebook"        # [V, d] float32 .npy beside the VQ graph
 TEXT_TOKENIZER = "text_tokenizer"  # the snapshot's tiktoken.model and tokenizer json files
 LLM_TRUNK, LLM_AUDIO, LLM_ADAPTOR = "llm_trunk", "llm_audio", "llm_adaptor"
+# Silero VAD (optional): its ONNX graph (inputs input [1, 64 + 512], state [2, 1, 128], sr; outputs output, stateN)
+# and its licence, copied from the silero-vad package at export time; a bundle without it falls back to energy VAD.
+VAD, VAD_COMPONENT, VAD_DIR = "vad", "vad", "vad"
 LLM_ROLES: Tuple[str, ...] = ("trunk", "audio", "adaptor")  # the GGUF files' kimia.role
 
 
