@@ -19,13 +19,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from kimia_edge.runtime.detokenizer import NoiseSource, StreamingDetokenizer
-from kimia_edge.runtime.frontend import check_audible, to_16k_mono
-from kimia_edge.runtime.generation import GenerationConfig, context_steps
+from kimia_edge.runtime.frontend import SAMPLE_RATE_HZ, SAMPLES_PER_TOKEN, check_audible, to_16k_mono
+from kimia_edge.runtime.generation import GenerationConfig, IncrementalTextDecoder, context_steps
+from kimia_edge.runtime.history import ANSWER_RESERVE_STEPS, TrimResult, trim_history
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.metrics import RunMetrics
 from kimia_edge.runtime.prompt import AudioEncoding, Prompt, build_prompt
@@ -36,7 +37,8 @@ from kimia_edge.runtime.spec.graphs import (GRAPHS, LLM_ADAPTOR, LLM_AUDIO, LLM_
 from kimia_edge.runtime.spec.manifest import Artifact, BundleError, Manifest
 from kimia_edge.runtime.spec.precisions import DEFAULT_PRECISION_SPEC, LLM_PREFERENCE, parse_precision_spec
 from kimia_edge.runtime.spec.streaming import StreamingConfig, check_schedule_fits
-from kimia_edge.runtime.streaming import AudioEvent, Event, StreamingTurn, TextEvent
+from kimia_edge.runtime.streaming import (AudioEvent, Event, HistoryTrimmedEvent, StreamingTurn, TextEvent,
+                                          text_tokens_heard)
 from kimia_edge.runtime.tasks import TASK_TABLE, generation_config, task_messages
 from kimia_edge.runtime.text_tokenizer import TextTokenizer
 
@@ -57,7 +59,9 @@ class PipelineOptions:
     ``{"first_chunk_tokens": 10}``. ``text_only``: open neither the DiT, the vocoder nor the LLM's audio branch (asr,
     qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``). ``prepack``:
     let ONNX Runtime repack the weights when a session opens (faster steady state, slower start; False starts in
-    seconds: see ``runtime/sessions.open_session``).
+    seconds: see ``runtime/sessions.open_session``). ``n_ctx``: LLM context in positions (12.5 per second of speech,
+    history included; None: the backend's default, 4096), at most the model's context length; a conversation trims
+    its oldest history to stay inside it.
     """
 
     precision: Optional[str] = None
@@ -69,6 +73,7 @@ class PipelineOptions:
     text_only: bool = False
     cache_dir: Optional[Path] = None
     prepack: bool = True
+    n_ctx: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
@@ -82,6 +87,8 @@ class PipelineOptions:
             raise ValueError(f"threads: expected 1..1024, got {self.threads}")
         if self.n_gpu_layers < 0:
             raise ValueError(f"n_gpu_layers: expected >= 0, got {self.n_gpu_layers}")
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise ValueError(f"n_ctx: expected None or >= 16 positions, got {self.n_ctx}")
         parse_precision_spec(self.precision_spec)
         unknown = sorted(set(self.streaming) - {f.name for f in dataclasses.fields(StreamingConfig)})
         if unknown:
@@ -197,7 +204,8 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     backend = LlamaCppBackend(bundle / artifacts[LLM_TRUNK].path,
                               bundle / artifacts[LLM_AUDIO].path if LLM_AUDIO in artifacts else None,
                               bundle / adaptor.path if adaptor else None,
-                              n_threads=options.threads, n_gpu_layers=options.n_gpu_layers, text_only=options.text_only)
+                              n_threads=options.threads, n_gpu_layers=options.n_gpu_layers, text_only=options.text_only,
+                              **({"n_ctx": options.n_ctx} if options.n_ctx else {}))
     check_bundle_agrees(manifest, artifacts, streaming, backend.info.token_offset, backend.info.vocab_size)
 
     make_detokenizer = _no_speech_output
@@ -230,10 +238,11 @@ def turn_noise(seed: Optional[int]) -> np.random.Generator:
 
 
 def build_turn_prompt(c: Components, task: str, clip_16k: np.ndarray, history: List[Dict[str, Any]],
-                      output_type: str) -> Prompt:
+                      output_type: str, encoded: Optional[Dict[int, AudioEncoding]] = None) -> Prompt:
     """The prompt of one turn of ``task`` on ``clip_16k`` [S] (16 kHz mono) after ``history``; every audio message is
-    encoded once (the same clip object twice in the messages is encoded once)."""
-    encoded: Dict[int, AudioEncoding] = {}
+    encoded once (the same clip object twice in the messages is encoded once; ``encoded``, keyed by ``id(clip)``,
+    carries the encodings over several calls on the same messages, e.g. while trimming the history)."""
+    encoded = {} if encoded is None else encoded
 
     def tokenize_audio(content: Any) -> AudioEncoding:
         if id(content) not in encoded:
@@ -242,6 +251,35 @@ def build_turn_prompt(c: Components, task: str, clip_16k: np.ndarray, history: L
 
     return build_prompt(task_messages(task, clip_16k, history), output_type, c.tokens, c.token_offset,
                         c.text_tokenizer.encode, tokenize_audio)
+
+
+def fit_prompt(c: Components, task: str, clip_16k: np.ndarray, history: List[Dict[str, Any]],
+               config: GenerationConfig) -> Tuple[Prompt, TrimResult]:
+    """The turn's prompt after the history trimmed (runtime/history.py) so that the answer keeps
+    ``min(config.max_steps(prompt), ANSWER_RESERVE_STEPS)`` steps of the backend's context. Raises ContextFullError
+    (before any LLM work) if the clip alone, with no history, does not fit the context."""
+    encoded: Dict[int, AudioEncoding] = {}
+    n_ctx = getattr(c.backend, "n_ctx", None)
+    last: List[Any] = [None, None]  # the messages last tried and their prompt
+
+    def fits(kept: List[Dict[str, Any]]) -> bool:
+        last[:] = [kept, build_turn_prompt(c, task, clip_16k, kept, config.output_type, encoded)]
+        room = min(config.max_steps(len(last[1])), ANSWER_RESERVE_STEPS)
+        return n_ctx is None or len(last[1]) + max(room, 1) <= n_ctx
+
+    trim = trim_history(history, fits)
+    prompt = last[1] if last[0] is trim.history else build_turn_prompt(c, task, clip_16k, trim.history,
+                                                                        config.output_type, encoded)
+    context_steps(c.backend, len(prompt))  # a prompt the context cannot hold fails here, in the caller's thread
+    return prompt, trim
+
+
+def _trim_reason(trim: TrimResult, backend: LLMBackend) -> str:
+    """One sentence for the user about a trimmed history."""
+    parts = [f"{n} {what}" for n, what in ((trim.dropped_audio, "earlier recording(s) of your speech"),
+                                          (trim.dropped_turns, "oldest turn(s)")) if n]
+    return (f"the conversation no longer fits the model's context of {getattr(backend, 'n_ctx', '?')} positions: "
+            f"dropped {' and '.join(parts)}")
 
 
 class Pipeline:
@@ -283,12 +321,20 @@ class Conversation:
         self.history: List[Dict[str, Any]] = []
         self.last: Optional[TurnResult] = None
         self._running: Optional[StreamingTurn] = None
+        # the last turn's (text ids, per-audio-token text counts, output type): truncate_last's alignment
+        self._alignment: Optional[Tuple[List[int], List[int], str]] = None
 
     def turn(self, samples: np.ndarray, sample_rate_hz: int, task: str = "chat", *,
              config: Optional[GenerationConfig] = None, seed: Optional[int] = None) -> Iterator[Event]:
         """Streams one turn on the user clip ``samples`` [S] or [S, C] at ``sample_rate_hz`` (resampled to 16 kHz,
         mixed to mono). With ``keep_history`` the clip and the text answer join the history of later turns; ``last``
-        holds the text and metrics once the iteration ends (its ``wav`` stays empty: the speech was streamed)."""
+        holds the text and metrics once the iteration ends (its ``wav`` stays empty: the speech was streamed).
+
+        If the prompt would leave the answer too little of the LLM's context, the oldest history is dropped first
+        (user audio, then whole turns: runtime/history.py) and the first event is a ``HistoryTrimmedEvent``; a clip
+        that does not fit even alone raises ContextFullError before any LLM work. A turn ended early — ``cancel()``,
+        or the caller closing the iterator — still joins the history with the text generated so far (see
+        ``truncate_last`` for cutting it to what was played)."""
         if task not in TASK_TABLE:
             raise ValueError(f"task must be one of {tuple(TASK_TABLE)}, got {task!r}")
         c = self.pipeline.c
@@ -298,29 +344,68 @@ class Conversation:
         with self.pipeline._turn_lock:
             start = time.perf_counter()
             detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
-            prompt = build_turn_prompt(c, task, clip, self.history, config.output_type)
-            context_steps(c.backend, len(prompt))  # a prompt the context cannot hold fails here, in the caller's thread
+            prompt, trim = fit_prompt(c, task, clip, self.history, config)
             encode_s = time.perf_counter() - start
             streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
                                       c.text_tokenizer.decode_bytes, detokenizer)
+            if trim.trimmed:
+                self.history = trim.history
+                log.info("history trimmed: %d turns and %d user audio dropped", trim.dropped_turns, trim.dropped_audio)
             text: List[str] = []
             events = iter(streaming)
             self._running = streaming
+            ended = False  # True once the iteration ended normally, was cancelled, or was closed by the caller
             try:
+                if trim.trimmed:
+                    yield HistoryTrimmedEvent(trim.dropped_turns, trim.dropped_audio, _trim_reason(trim, c.backend))
                 for event in events:
                     if isinstance(event, TextEvent):
                         text.append(event.text)
                     yield event
+                ended = True
+            except GeneratorExit:
+                ended = True
+                raise
             finally:  # closing this generator (or dropping it) cancels the turn and joins its threads
                 events.close()
                 self._running = None
-        answer = "".join(text)
+                if ended:
+                    self._record(streaming, clip, "".join(text), encode_s, config.output_type)
+
+    def _record(self, streaming: StreamingTurn, clip: np.ndarray, answer: str, encode_s: float,
+                output_type: str) -> None:
+        c = self.pipeline.c
         metrics = RunMetrics.of(streaming.stats, len(clip) / INPUT_SAMPLE_RATE_HZ, encode_s, c.output_sample_rate_hz,
                                 c.providers)
         self.last = TurnResult(answer, np.zeros(0, np.float32), c.output_sample_rate_hz, metrics)
+        self._alignment = (list(streaming.text_ids), list(streaming.audio_text_counts), output_type)
         if self.keep_history:  # a cancelled turn keeps the text generated before the cancel
-            self.history += [{"role": "user", "message_type": "audio", "content": clip},
-                             {"role": "assistant", "message_type": "text", "content": answer}]
+            self.history = self.history + [{"role": "user", "message_type": "audio", "content": clip},
+                                           {"role": "assistant", "message_type": "text", "content": answer}]
+
+    def truncate_last(self, played_samples: int) -> str:
+        """Cuts the last turn's answer to what the user heard (barge-in) and returns the kept text.
+
+        ``played_samples``: samples of the turn's speech (at ``output_sample_rate_hz``) the speaker actually
+        consumed. The text kept is what the LLM had generated when it produced the last audio token heard
+        (``streaming.text_tokens_heard``: a token counts once its first sample was played; 1920 samples per token at
+        24 kHz); 0 samples keeps no text. Updates ``last.text`` and, with ``keep_history``, the last assistant
+        message (the user's clip stays). ValueError if no turn ran yet or the last one had no speech output."""
+        if self.last is None or self._alignment is None:
+            raise ValueError("truncate_last: no turn has run in this conversation")
+        text_ids, counts, output_type = self._alignment
+        if output_type != "both":
+            raise ValueError("truncate_last: the last turn answered with text only; there is no played speech to "
+                             "truncate to")
+        c = self.pipeline.c
+        per_token = round(c.output_sample_rate_hz * SAMPLES_PER_TOKEN / SAMPLE_RATE_HZ)  # 24 kHz / 12.5 Hz = 1920
+        keep = text_tokens_heard(counts, int(played_samples), per_token)
+        decoder = IncrementalTextDecoder(c.text_tokenizer.decode_bytes)
+        kept = "".join(decoder.push(t) for t in text_ids[:keep])  # a character split at the cut is dropped
+        self.last.text = kept
+        if self.keep_history and self.history and self.history[-1].get("role") == "assistant":
+            self.history[-1] = {**self.history[-1], "content": kept}
+        return kept
 
     def cancel(self) -> None:
         """Cancels the running turn, if any (thread-safe): its iteration ends early, ``last.metrics.stop`` says
@@ -338,4 +423,4 @@ class Conversation:
 
     def reset(self) -> None:
         """Forgets the history."""
-        self.history, self.last = [], None
+        self.history, self.last, self._alignment = [], None, None

@@ -45,6 +45,17 @@ class AudioEvent:
 
 
 @dataclass
+class HistoryTrimmedEvent:
+    """First event of a turn whose prompt would not have left the answer room in the LLM's context: the oldest
+    history was dropped (runtime/history.py). dropped_turns: whole turns removed; dropped_audio: user audio messages
+    replaced by nothing; reason: one sentence with the numbers, for the user."""
+
+    dropped_turns: int
+    dropped_audio: int
+    reason: str
+
+
+@dataclass
 class TurnStats:
     """Timings in seconds from the start of the turn; counters from the rings."""
 
@@ -63,8 +74,25 @@ class TurnStats:
         return self.llm_steps / self.llm_seconds if self.llm_seconds else 0.0
 
 
-Event = Union[TextEvent, AudioEvent]
+Event = Union[TextEvent, AudioEvent, HistoryTrimmedEvent]
 _DONE = object()
+
+
+def text_tokens_heard(audio_text_counts: List[int], played_samples: int, samples_per_token: int) -> int:
+    """Text tokens to keep when ``played_samples`` of a turn's speech were played (barge-in).
+
+    The detokenizer's output is one continuous timeline: the first chunk emits half its samples and holds the rest
+    back for the cross-fade with the next chunk, which emits them (cross-faded) first, so sample ``s`` of the turn's
+    speech always belongs to audio token ``s // samples_per_token`` (24 kHz / 12.5 Hz = 1920). A token counts as heard
+    once its first sample was played: tokens heard = ceil(played / samples_per_token), at most the tokens written.
+    The text kept is what the LLM had generated at the step of the last token heard, ``audio_text_counts[heard - 1]``
+    (the text stream leads the speech by the audio delay, so this includes the ~6 steps of text the speech was about
+    to say); nothing played keeps no text."""
+    if played_samples < 0 or samples_per_token <= 0:
+        raise ValueError(f"played_samples: expected >= 0 (and samples_per_token > 0), got {played_samples}, "
+                         f"{samples_per_token}")
+    heard = min(len(audio_text_counts), -(-played_samples // samples_per_token))
+    return audio_text_counts[heard - 1] if heard else 0
 
 
 class StreamingTurn:
@@ -83,6 +111,8 @@ class StreamingTurn:
         self.events: "queue.Queue[object]" = queue.Queue()
         self.stats = TurnStats()
         self.text_ids: List[int] = []
+        # per audio token written to the token ring: len(text_ids) at the LLM step that produced it (truncation)
+        self.audio_text_counts: List[int] = []
         self._t0 = 0.0
         self._threads: List[threading.Thread] = []
         self._cancel = threading.Event()
@@ -140,6 +170,7 @@ class StreamingTurn:
                     self.stats.first_text_s = time.perf_counter() - self._t0
                 self.events.put(TextEvent(piece))
         if step.audio_token is not None and self.detokenizer is not None:
+            self.audio_text_counts.append(len(self.text_ids))
             self.token_ring.write(np.array([step.audio_token], dtype=np.int32))
 
     def _synthesize(self) -> None:

@@ -100,3 +100,21 @@ def test_closing_the_iterator_cancels_the_turn(pipe: GoldenPipeline, clip: np.nd
     assert turn.stats.llm_steps < 400
     with pytest.raises(RuntimeError, match="runs once"):
         next(iter(turn))
+
+
+def test_each_audio_token_records_the_text_generated_by_its_step(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+    from kimia_edge.runtime.generation import generate
+
+    config = generation_config("chat", seed=4, step_limit=90)
+    turn = _turn(pipe, clip, "chat", config, pipe.detokenizer(np.random.default_rng(5)))
+    audio = np.concatenate([e.samples for e in turn if isinstance(e, AudioEvent)])
+    expected, text_so_far = [], [0]
+
+    def on_step(step) -> None:
+        text_so_far[0] += step.text_token is not None
+        if step.audio_token is not None:
+            expected.append(text_so_far[0])
+
+    generate(pipe.backend, turn.prompt, pipe.tokens, pipe.token_offset, config, on_step=on_step)
+    assert turn.audio_text_counts == expected and len(expected) > 0
+    assert audio.size == len(expected) * 1920  # one continuous timeline: 1920 samples (24 kHz) per 12.5 Hz token
