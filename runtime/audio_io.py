@@ -6,10 +6,12 @@ The callbacks are plain methods, so tests drive them without a sound card.
 """
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 
@@ -89,6 +91,29 @@ class Microphone:
         if self._detector is not None and self._detector.push(block):
             self._done.set()
 
+    @contextlib.contextmanager
+    def listen(self) -> Iterator["queue.Queue[np.ndarray]"]:
+        """Captures without end (full duplex): yields a queue that receives every block [block] float32 at
+        ``MIC_RATE_HZ`` as the device delivers it; the device closes when the with-block ends."""
+        blocks: "queue.Queue[np.ndarray]" = queue.Queue()
+
+        def callback(indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+            if status and getattr(status, "input_overflow", False):
+                self.overflows += 1
+            blocks.put(indata[:, 0].copy() if indata.ndim == 2 else indata.copy())
+
+        stream = self._open(callback)
+        with stream:
+            yield blocks
+
+    def _open(self, callback: Any) -> Any:
+        try:
+            sd = _sounddevice()
+            return sd.InputStream(samplerate=MIC_RATE_HZ, channels=1, dtype="float32", blocksize=self.block,
+                                  device=self.device, callback=callback)
+        except Exception as exc:  # PortAudioError, ValueError for an unknown device
+            raise AudioDeviceError(f"cannot open the microphone {self.device or '(default)'}: {exc}") from exc
+
     def stop(self) -> None:
         """Ends the current utterance now (push-to-talk release)."""
         self._done.set()
@@ -96,12 +121,7 @@ class Microphone:
     def record(self, push_to_talk: bool = False, timeout_s: Optional[float] = None) -> np.ndarray:
         self._blocks, self._done = [], threading.Event()
         self._detector = None if push_to_talk else EndpointDetector(MIC_RATE_HZ, self.endpoint)
-        try:
-            sd = _sounddevice()
-            stream = sd.InputStream(samplerate=MIC_RATE_HZ, channels=1, dtype="float32", blocksize=self.block,
-                                    device=self.device, callback=self.callback)
-        except Exception as exc:  # PortAudioError, ValueError for an unknown device
-            raise AudioDeviceError(f"cannot open the microphone {self.device or '(default)'}: {exc}") from exc
+        stream = self._open(self.callback)
         with stream:
             self._done.wait(timeout_s)
         return np.concatenate(self._blocks) if self._blocks else np.zeros(0, np.float32)
@@ -116,17 +136,24 @@ class Speaker:
         self.ring, self.rate, self.device, self.block = ring, sample_rate_hz, device, block
         self._stream: Any = None
         self._flush = threading.Event()
+        # Samples of the ring handed to the device (not the silence of underruns or flushes) since start: what the
+        # user heard, give or take the device's own output latency. Written by the callback only.
+        self.played_samples = 0
 
-    def flush(self) -> None:
+    def flush(self, wait_s: float = 0.0) -> None:
         """Drops what is queued and not yet played (barge-in), from any thread: the callback, the ring's only reader,
-        clears the ring at its next block and plays silence for that block."""
+        clears the ring at its next block and plays silence for that block. Until then (one block) ``played_samples``
+        may still grow; ``wait_s`` > 0 waits up to that long for the callback to have done it (device running)."""
         self._flush.set()
+        deadline = time.monotonic() + wait_s
+        while self._stream is not None and self._flush.is_set() and time.monotonic() < deadline:
+            time.sleep(self.block / self.rate / 4)
 
     def callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
         if self._flush.is_set():
             self.ring.clear()
             self._flush.clear()
-        self.ring.read_into_nowait(outdata.reshape(-1), pad_silence=True)
+        self.played_samples += self.ring.read_into_nowait(outdata.reshape(-1), pad_silence=True)
 
     def start(self) -> None:
         try:

@@ -105,6 +105,8 @@ def _chat(args: argparse.Namespace) -> int:
         _check_writable(args.output)
     pipe = _pipeline(args)
     conversation = pipe.conversation(keep_history=args.mic)
+    if args.mic and args.speaker and not args.half_duplex and args.output is None:  # the wav writer is half duplex
+        return _chat_duplex(args, pipe, conversation)
     out = _Output(args.output, args.speaker, pipe.c.output_sample_rate_hz)
     turns, ok = 0, False
     try:
@@ -137,6 +139,78 @@ def _chat(args: argparse.Namespace) -> int:
         return 130
     finally:
         out.close(write=ok)
+    return 0
+
+
+def _chat_duplex(args: argparse.Namespace, pipe, conversation) -> int:
+    """``chat --mic --speaker``: the microphone keeps listening while the answer plays. The decisions are
+    runtime/duplex.DuplexController's; this function only moves blocks and acts: on a barge-in it flushes the
+    speaker, cancels the turn and cuts the history to what was played; every finished utterance is the next turn
+    (run on a worker thread so that listening never stops)."""
+    import threading
+
+    from kimia_edge.runtime.audio_io import MIC_RATE_HZ, Microphone, Speaker
+    from kimia_edge.runtime.duplex import BargeIn, DuplexController
+    from kimia_edge.runtime.rings import AudioRing
+    from kimia_edge.runtime.streaming import AudioEvent, HistoryTrimmedEvent, TextEvent
+    from kimia_edge.runtime.tasks import generation_config
+    from kimia_edge.runtime.vad import open_vad
+
+    rate = pipe.c.output_sample_rate_hz
+    speaker = Speaker(AudioRing(rate * 120, "block"), rate)
+    controller = DuplexController(open_vad(args.bundle))
+    config = generation_config(args.task, args.seed, step_limit=args.max_steps)
+    worker: Optional[threading.Thread] = None
+    errors: list = []
+    base, turns = 0, 0
+
+    def run(clip) -> None:
+        try:
+            for event in conversation.turn(clip, MIC_RATE_HZ, args.task, config=config, seed=args.seed):
+                if isinstance(event, TextEvent):
+                    print(event.text, end="", flush=True)
+                elif isinstance(event, AudioEvent):
+                    speaker.ring.write(event.samples)
+                elif isinstance(event, HistoryTrimmedEvent):
+                    print(f"[{event.reason}]", file=sys.stderr)
+            print("\n" + conversation.last.metrics.table(), file=sys.stderr)
+        except BaseException as exc:  # re-raised by the listening loop
+            errors.append(exc)
+
+    speaker.start()
+    print("listening… (speak; speaking while the answer plays interrupts it; headphones avoid self-interruption)",
+          file=sys.stderr)
+    try:
+        with Microphone(args.mic_device).listen() as blocks:
+            while True:
+                if errors:
+                    raise errors[0]
+                busy = worker is not None and worker.is_alive()
+                if args.turns and turns >= args.turns and not busy and speaker.ring.available == 0:
+                    break
+                answering = busy or speaker.ring.available > 0
+                for action in controller.push(blocks.get(), speaker.played_samples - base if answering else None):
+                    if isinstance(action, BargeIn):
+                        speaker.flush(wait_s=0.1)
+                        conversation.cancel()
+                        if worker is not None:
+                            worker.join()
+                        kept = conversation.truncate_last(speaker.played_samples - base)
+                        print(f"\n[interrupted; the answer keeps: {kept!r}]", file=sys.stderr)
+                    elif not (args.turns and turns >= args.turns):
+                        base, turns = speaker.played_samples, turns + 1
+                        worker = threading.Thread(target=run, args=(action.samples,), name="kimia-turn", daemon=True)
+                        worker.start()
+    except KeyboardInterrupt:
+        conversation.cancel()
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if worker is not None:
+            conversation.cancel()
+            worker.join()
+        speaker.ring.close()
+        speaker.drain_and_stop()
     return 0
 
 
@@ -252,6 +326,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     src.add_argument("--mic", action="store_true", help="live microphone, one utterance per turn, with history")
     chat.add_argument("--mic-device", help="sounddevice input device (name or index)")
     chat.add_argument("--turns", type=_count(1), help="with --mic: stop after this many turns (default: until Ctrl-C)")
+    chat.add_argument("--half-duplex", action="store_true",
+                      help="with --mic --speaker: stop listening while the answer plays (default: full duplex, "
+                           "speaking interrupts the answer; the VAD is the bundle's Silero, else energy)")
     dst = chat.add_argument_group("output (at least one)")
     dst.add_argument("--output", type=Path, help="write the spoken answer here (24 kHz wav)")
     dst.add_argument("--speaker", action="store_true", help="play the answer while it is generated")

@@ -54,6 +54,7 @@ def test_speaker_callback_reads_the_ring_and_pads_underruns() -> None:
     spk.callback(out, 480, None, None)  # only 120 left: the rest is silence, one underrun
     assert (out[:120] == 0.25).all() and (out[120:] == 0).all()
     assert ring.stats()["underruns"] == 1
+    assert spk.played_samples == 600  # what the device got from the ring, not the padding
 
 
 def test_unopenable_devices_raise_a_clear_error() -> None:
@@ -76,3 +77,4 @@ def test_speaker_flush_drops_what_is_queued_and_plays_on_afterwards() -> None:
     ring.write(np.full(480, -0.25, np.float32))  # the next answer plays normally
     spk.callback(out, 480, None, None)
     assert np.all(out == -0.25)
+    assert spk.played_samples == 960  # the flushed samples were never played
