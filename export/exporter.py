@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -182,11 +182,10 @@ VAD_PACKAGE = "silero-vad"
 VAD_MODEL = "silero_vad/data/silero_vad.onnx"  # the graph silero-vad's own load_silero_vad(onnx=True) opens
 
 
-def copy_vad(writer: BundleWriter) -> bool:
-    """Copies Silero VAD's ONNX graph and its MIT licence from the installed silero-vad package into ``vad/`` and
-    lists them as the ``vad`` artifact (fp32, ``extra`` names the package version). The package is located through
-    its metadata, never imported (its __init__ imports torch and sets torch's thread count). Without the package:
-    a warning, no artifact (the runtime then uses energy VAD). Returns whether the artifact was added."""
+def installed_vad() -> Optional[Tuple[Path, Path, str]]:
+    """(ONNX graph, licence file, version) of the installed silero-vad package, located through its metadata and
+    never imported (its __init__ imports torch and sets torch's thread count); None if it is not installed or lacks
+    either file (logged as a warning: the bundle then gets no VAD and the runtime uses energy VAD)."""
     from importlib import metadata
 
     try:
@@ -194,19 +193,30 @@ def copy_vad(writer: BundleWriter) -> bool:
     except metadata.PackageNotFoundError:
         log.warning("%s is not installed: the bundle gets no VAD (the runtime falls back to energy VAD); "
                     "pip install %s", VAD_PACKAGE, VAD_PACKAGE)
-        return False
+        return None
     model = Path(str(dist.locate_file(VAD_MODEL)))
     licence = next((f for f in dist.files or () if Path(str(f)).name in ("LICENSE", "LICENSE.txt")), None)
     if not model.is_file() or licence is None:
         log.warning("%s %s: %s or its LICENSE not found in the installed package: the bundle gets no VAD",
                     VAD_PACKAGE, dist.version, VAD_MODEL)
+        return None
+    return model, Path(str(dist.locate_file(licence))), dist.version
+
+
+def copy_vad(writer: BundleWriter) -> bool:
+    """Copies Silero VAD's ONNX graph and its MIT licence from the installed silero-vad package into ``vad/`` and
+    lists them as the ``vad`` artifact (fp32, ``extra`` names the package version). Without the package: a warning,
+    no artifact. Returns whether the artifact was added."""
+    found = installed_vad()
+    if found is None:
         return False
+    model, licence, version = found
     shutil.copyfile(model, writer.path(f"{VAD_DIR}/{model.name}"))
-    writer.path(f"{VAD_DIR}/LICENSE").write_text(licence.read_text(encoding="utf-8"), encoding="utf-8")
+    shutil.copyfile(licence, writer.path(f"{VAD_DIR}/LICENSE"))
     writer.add(VAD, VAD_COMPONENT, "onnx", "fp32", [f"{VAD_DIR}/{model.name}", f"{VAD_DIR}/LICENSE"],
-               extra={"package": f"{VAD_PACKAGE}=={dist.version}", "licence": "MIT", "sample_rate_hz": 16_000,
+               extra={"package": f"{VAD_PACKAGE}=={version}", "licence": "MIT", "sample_rate_hz": 16_000,
                       "window_samples": 512})
-    log.info("VAD: %s %s copied into the bundle", VAD_PACKAGE, dist.version)
+    log.info("VAD: %s %s copied into the bundle", VAD_PACKAGE, version)
     return True
 
 
@@ -249,4 +259,4 @@ def audio_files(paths: Sequence[Path]) -> List[Path]:
     return found
 
 
-__all__ = ["export_bundle", "copy_vad", "model_config", "source_info", "DEFAULT_PRECISIONS", "MANIFEST_NAME"]
+__all__ = ["export_bundle", "copy_vad", "installed_vad", "model_config", "source_info", "DEFAULT_PRECISIONS", "MANIFEST_NAME"]
