@@ -200,10 +200,10 @@ class EnergyVad(FrameVad):
     (so ``threshold`` 0.5 means "louder than speech_db"; the hysteresis band is about 3 dB wide). No model: the
     fallback when the bundle has no VAD. Loud noise counts as speech."""
 
-    def __init__(self, config: VadConfig = VadConfig(), speech_db: float = -40.0, frame_s: float = 0.03,
+    def __init__(self, config: Optional[VadConfig] = None, speech_db: float = -40.0, frame_s: float = 0.03,
                  sample_rate_hz: int = VAD_SAMPLE_RATE_HZ, slope_db: float = 2.0) -> None:
         self.speech_db, self.slope_db = float(speech_db), float(slope_db)
-        super().__init__(config, max(1, int(frame_s * sample_rate_hz)), sample_rate_hz)
+        super().__init__(config or VadConfig(), max(1, int(frame_s * sample_rate_hz)), sample_rate_hz)
 
     def _probabilities(self, frames: np.ndarray) -> np.ndarray:
         z = np.clip((frame_level_db(frames) - self.speech_db) / self.slope_db, -60.0, 60.0)
@@ -220,7 +220,7 @@ class SileroVad(FrameVad):
     WINDOW = 512
     CONTEXT = 64
 
-    def __init__(self, session_or_path: Union[str, Path, Any], config: VadConfig = VadConfig()) -> None:
+    def __init__(self, session_or_path: Union[str, Path, Any], config: Optional[VadConfig] = None) -> None:
         if isinstance(session_or_path, (str, Path)):
             import onnxruntime as ort
 
@@ -238,7 +238,7 @@ class SileroVad(FrameVad):
         state = next(i for i in self.session.get_inputs() if i.name == "state")
         self._state_shape = tuple(d if isinstance(d, int) else 1 for d in state.shape) or (2, 1, 128)
         self._sr = np.array(VAD_SAMPLE_RATE_HZ, dtype=np.int64)
-        super().__init__(config, self.WINDOW)
+        super().__init__(config or VadConfig(), self.WINDOW)
 
     def _reset_model(self) -> None:
         self._state = np.zeros(self._state_shape, np.float32)
@@ -254,7 +254,7 @@ class SileroVad(FrameVad):
         return probs
 
 
-def open_vad(bundle_dir: Optional[Path], config: VadConfig = VadConfig(),
+def open_vad(bundle_dir: Optional[Path], config: Optional[VadConfig] = None,
              cache_dir: Optional[Path] = None) -> VoiceActivityDetector:
     """SileroVad from the bundle's ``vad`` artifact (checked like every artifact: size, and sha256 unless the
     verification stamp says it did not change) when the manifest lists one; EnergyVad otherwise (also for
@@ -270,8 +270,8 @@ def open_vad(bundle_dir: Optional[Path], config: VadConfig = VadConfig(),
         if artifact is not None:
             ensure_usable(bundle_dir, manifest, [artifact], cache_dir)
             log.info("VAD: Silero (%s, %s)", artifact.path, artifact.extra.get("package", "?"))
-            return SileroVad(bundle_dir / artifact.path, config)
+            return SileroVad(bundle_dir / artifact.path, config or VadConfig())
         log.info("VAD: energy (the bundle %s has no %s artifact)", bundle_dir, VAD)
     else:
         log.info("VAD: energy (no bundle given)")
-    return EnergyVad(config)
+    return EnergyVad(config or VadConfig())
