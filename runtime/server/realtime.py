@@ -105,7 +105,7 @@ def _subprotocol(websocket: WebSocket) -> Optional[str]:
 # ---- VAD ----------------------------------------------------------------------------------------------------------
 # TODO(lead): B's runtime/vad.py replaces everything from here to "end of the VAD stand-in": delete it and import
 #   from kimia_edge.runtime.vad import VadConfig, open_vad
-# (_Session.__init__ and _Session._set_vad call open_vad(self.state_bundle_dir, VadConfig(...)) as B's API does).
+# (_Session._open_vad calls open_vad(state.bundle_dir, VadConfig(...)) as B's API does; nothing else changes).
 @dataclass(frozen=True)
 class VadConfig:
     threshold: float = 0.5
@@ -360,7 +360,7 @@ class _Session:
         self.vad_origin = self.heard
         if v is None:
             return None
-        return open_vad(getattr(self.state, "bundle_dir", None), VadConfig(
+        return open_vad(self.state.bundle_dir, VadConfig(
             threshold=float(v["threshold"]), pre_roll_s=v["prefix_padding_ms"] / 1000,
             min_silence_s=v["silence_duration_ms"] / 1000))
 
