@@ -52,6 +52,7 @@ from kimia_edge.runtime.frontend import MAX_RESAMPLE_FACTOR, check_sample_rate
 from kimia_edge.runtime.pipeline import INPUT_SAMPLE_RATE_HZ, Conversation
 from kimia_edge.runtime.streaming import AudioEvent, TextEvent
 from kimia_edge.runtime.tasks import generation_config
+from kimia_edge.runtime.vad import VadConfig, open_vad
 from kimia_edge.runtime.server.turns import QueueFull
 
 log = logging.getLogger(__name__)
@@ -102,89 +103,15 @@ def _subprotocol(websocket: WebSocket) -> Optional[str]:
     return "realtime" if "realtime" in offered else (offered[0] if offered else None)
 
 
-# ---- VAD ----------------------------------------------------------------------------------------------------------
-# TODO(lead): B's runtime/vad.py replaces everything from here to "end of the VAD stand-in": delete it and import
-#   from kimia_edge.runtime.vad import VadConfig, open_vad
-# (_Session._open_vad calls open_vad(state.bundle_dir, VadConfig(...)) as B's API does; nothing else changes).
-@dataclass(frozen=True)
-class VadConfig:
-    threshold: float = 0.5
-    pre_roll_s: float = 0.3
-    min_speech_s: float = 0.25
-    min_silence_s: float = 0.6
 
 
-@dataclass
-class VadEvent:
-    kind: str  # "speech_started" | "speech_stopped"
-    sample: int  # at 16 kHz, from the first sample pushed
-
-
-class _EnergyVad:
-    """Stand-in for B's energy fallback: 30 ms frames louder than ``-60 + 40 * threshold`` dBFS are speech."""
-
-    FRAME = 480
-
-    def __init__(self, config: VadConfig) -> None:
-        self.cfg = config
-        self.speech_db = -60.0 + 40.0 * config.threshold
-        self.reset()
-
-    def reset(self) -> None:
-        self.speaking = False
-        self._pending = np.zeros(0, np.float32)
-        self._pre: List[np.ndarray] = []  # recent frames while silent (pre-roll)
-        self._utt: List[np.ndarray] = []  # frames since the pre-roll began
-        self._last: np.ndarray = np.zeros(0, np.float32)
-        self._run = 0  # consecutive loud (silent) frames while silent (speaking)
-        self._pos = 0  # samples consumed in whole frames
-
-    def utterance(self) -> np.ndarray:
-        return self._last
-
-    def push(self, samples_16k: np.ndarray) -> List[VadEvent]:
-        x = np.concatenate([self._pending, np.asarray(samples_16k, np.float32).reshape(-1)])
-        n = len(x) // self.FRAME
-        self._pending = x[n * self.FRAME:]
-        out: List[VadEvent] = []
-        min_speech = max(1, round(self.cfg.min_speech_s * 16_000 / self.FRAME))
-        min_silence = max(1, round(self.cfg.min_silence_s * 16_000 / self.FRAME))
-        pre_frames = round(self.cfg.pre_roll_s * 16_000 / self.FRAME)
-        for frame in x[: n * self.FRAME].reshape(n, self.FRAME):
-            loud = 10.0 * np.log10(float(np.mean(frame * frame)) + 1e-12) > self.speech_db
-            self._pos += self.FRAME
-            if not self.speaking:
-                self._pre = (self._pre + [frame])[-(pre_frames + min_speech):]
-                self._run = self._run + 1 if loud else 0
-                if self._run >= min_speech:
-                    self.speaking, self._utt, self._run = True, list(self._pre), 0
-                    out.append(VadEvent("speech_started", self._pos - min_speech * self.FRAME))
-            else:
-                self._utt.append(frame)
-                self._run = 0 if loud else self._run + 1
-                if self._run >= min_silence:
-                    self._last = np.concatenate(self._utt[: len(self._utt) - self._run + 1])
-                    self.speaking, self._pre, self._utt, self._run = False, [], [], 0
-                    out.append(VadEvent("speech_stopped", self._pos - (min_silence - 1) * self.FRAME))
-        return out
-
-
-def open_vad(bundle_dir: Any, config: VadConfig) -> _EnergyVad:
-    return _EnergyVad(config)
-# ---- end of the VAD stand-in --------------------------------------------------------------------------------------
-
-
-def _truncate_last(conversation: Conversation, played_samples: int, sent_samples: int) -> str:
-    """Cuts the last assistant message of the history to what was played; returns the text kept.
-    TODO(lead): B's ``conversation.truncate_last(played_samples)`` replaces this body (it knows the text/audio
-    alignment; this stand-in keeps the played fraction of the characters)."""
-    hist = conversation.history
-    if not hist or hist[-1].get("role") != "assistant":
+def _truncate_last(conversation: Conversation, played_samples: int) -> str:
+    """Cuts the last assistant message of the history to what was played (the runtime's text/audio alignment);
+    returns the text kept ("" when the last turn had no speech to cut)."""
+    try:
+        return conversation.truncate_last(played_samples)
+    except ValueError:  # no turn yet, or a text-only one
         return ""
-    text = hist[-1]["content"]
-    keep = len(text) if played_samples >= sent_samples else round(len(text) * played_samples / max(1, sent_samples))
-    hist[-1] = dict(hist[-1], content=text[:keep])
-    return text[:keep]
 
 
 class StreamResampler:
@@ -692,7 +619,7 @@ class _Session:
         p, self.pending_truncate = self.pending_truncate, None
         if p is None or not self.item_ids or self.item_ids[-1] != p[0]:
             return
-        _truncate_last(self.conversation, p[1], p[2])
+        _truncate_last(self.conversation, p[1])
         if self.response is not None and self.response.item_id == p[0]:
             self.response.truncated = True
 
