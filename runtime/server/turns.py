@@ -103,14 +103,18 @@ class Ticket:
             q._lock = asyncio.Lock()
         try:
             async with q._lock:
-                start = time.perf_counter()
-                async with aclosing(_run_in_thread(conversation, samples, sample_rate_hz, task, config, seed)) as run:
-                    async for event in run:
-                        yield event
-                q._record(time.perf_counter() - start)
-                if q.on_turn_done is not None and conversation.last is not None \
-                        and conversation.last.metrics is not None:
-                    q.on_turn_done(conversation.last.metrics)
+                start, before = time.perf_counter(), conversation.last
+                try:
+                    async with aclosing(_run_in_thread(conversation, samples, sample_rate_hz, task, config,
+                                                       seed)) as run:
+                        async for event in run:
+                            yield event
+                finally:  # also when the consumer left early: the turn ran (cancelled) and has its metrics
+                    q._record(time.perf_counter() - start)
+                    last = conversation.last
+                    if q.on_turn_done is not None and last is not None and last is not before \
+                            and last.metrics is not None:
+                        q.on_turn_done(last.metrics)
         finally:
             self.release()
 
