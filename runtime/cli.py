@@ -339,6 +339,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     _runtime_options(tr)
     tr.add_argument("inputs", type=Path, nargs="+")
     tr.set_defaults(handler=_guarded(_transcribe))
+    from kimia_edge.runtime.server_cli import register as register_serve
+
+    register_serve(sub)  # serve
     from kimia_edge.runtime.engines_cli import register as register_engines
 
     register_engines(sub)  # engines build
