@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +34,7 @@ __all__ = [
     "LOG_MEL_SCALE",
     "AudioFileError",
     "load_audio",
+    "read_audio",
     "to_16k_mono",
     "mel_filter_bank",
     "log_mel",
@@ -77,21 +78,27 @@ def load_audio(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
     Returns ``(samples [S] float32, sample_rate_hz)`` at the file's own rate. Raises ``AudioFileError`` naming the
     path if the file is missing, unreadable, or has no samples.
     """
-    import soundfile as sf  # local: soundfile needs libsndfile, only file input needs it
-
     path = Path(path)
     if not path.is_file():
         raise AudioFileError(f"{path}: audio file not found")
+    return read_audio(str(path), str(path))
+
+
+def read_audio(source: Union[str, BinaryIO], what: str) -> Tuple[np.ndarray, int]:
+    """``load_audio`` on a path or an open binary file (an upload in memory: ``io.BytesIO``); the header says the
+    format. Errors are ``AudioFileError`` starting with ``what``."""
+    import soundfile as sf  # local: soundfile needs libsndfile, only file input needs it
+
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        data, sr = sf.read(source, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises its own error types (LibsndfileError, RuntimeError, TypeError)
-        raise AudioFileError(f"{path}: cannot read audio ({type(e).__name__}: {e})") from e
+        raise AudioFileError(f"{what}: cannot read audio ({type(e).__name__}: {e})") from e
     if data.shape[0] == 0:
-        raise AudioFileError(f"{path}: audio file holds no samples")
+        raise AudioFileError(f"{what}: audio file holds no samples")
     try:
         check_sample_rate(int(sr))
     except ValueError as e:
-        raise AudioFileError(f"{path}: {e}") from None
+        raise AudioFileError(f"{what}: {e}") from None
     return to_mono(data), int(sr)
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from kimia_edge.runtime.frontend import AudioFileError, check_sample_rate, to_mono
+from kimia_edge.runtime.frontend import AudioFileError, read_audio
 
 FILE_FORMATS = ("wav", "flac", "ogg", "mp3")  # what soundfile reads from bytes
 PCM16_RATE_HZ = 24_000  # raw pcm16 input carries no header: taken at OpenAI's realtime rate
@@ -22,7 +22,8 @@ OUTPUT_FORMATS = ("wav", "pcm16")
 def decode_audio(data: bytes, fmt: Optional[str], what: str = "audio") -> Tuple[np.ndarray, int]:
     """``(samples [S] float32 mono, sample_rate_hz)`` of ``data`` in ``fmt`` (None or a file format: soundfile
     reads the header; "pcm16": raw int16 LE at 24 kHz). Raises ``AudioFileError`` naming ``what`` and the problem
-    (an unknown format, a corrupt or empty file, an odd pcm16 length, a rate outside 4..768 kHz)."""
+    (an unknown format, a corrupt or empty file, an odd pcm16 length, a rate outside 4..768 kHz). A file format
+    is read from its header, whatever ``fmt`` names."""
     if fmt is not None and fmt not in INPUT_FORMATS:
         raise AudioFileError(f"{what}: unsupported format {fmt!r}; expected one of {list(INPUT_FORMATS)}")
     if not data:
@@ -31,21 +32,7 @@ def decode_audio(data: bytes, fmt: Optional[str], what: str = "audio") -> Tuple[
         if len(data) % 2:
             raise AudioFileError(f"{what}: pcm16 needs an even number of bytes (int16 samples), got {len(data)}")
         return (np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0), PCM16_RATE_HZ
-    import soundfile as sf
-
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError, RuntimeError, TypeError...
-        named = f" as {fmt}" if fmt else ""
-        raise AudioFileError(f"{what}: cannot decode the audio{named} ({type(e).__name__}: {e}); "
-                             f"send one of {list(INPUT_FORMATS)}") from None
-    if samples.shape[0] == 0:
-        raise AudioFileError(f"{what}: the audio holds no samples")
-    try:
-        check_sample_rate(int(rate))
-    except ValueError as e:
-        raise AudioFileError(f"{what}: {e}") from None
-    return to_mono(samples), int(rate)
+    return read_audio(io.BytesIO(data), what)
 
 
 def to_pcm16(samples: np.ndarray) -> bytes:
