@@ -207,9 +207,27 @@ async def _collect(ticket: Ticket, conversation: Conversation, clip: np.ndarray,
                 text.append(event.text)
             elif isinstance(event, AudioEvent):
                 audio.append(event.samples)
-    last = conversation.last
     return _Collected("".join(text), np.concatenate(audio) if audio else np.zeros(0, np.float32),
-                      last.metrics if last is not None else None)
+                      _last_metrics(conversation))
+
+
+async def _events_or_error(ticket: Ticket, conversation: Conversation, clip: np.ndarray, task: str,
+                           config: GenerationConfig, seed: Optional[int]) -> AsyncIterator[Any]:
+    """A streamed answer's runtime events, then, if the turn failed, the ``APIError`` to send as its last event
+    (the response has begun: no status can say it). Releases the ticket at the end."""
+    try:
+        async with aclosing(ticket.events(conversation, clip, INPUT_SAMPLE_RATE_HZ, task, config=config,
+                                          seed=seed)) as events:
+            async for event in events:
+                yield event
+    except Exception as e:
+        yield _turn_error(e)
+    finally:
+        ticket.release()
+
+
+def _last_metrics(conversation: Conversation) -> Optional[RunMetrics]:
+    return conversation.last.metrics if conversation.last is not None else None
 
 
 def _turn_error(e: BaseException) -> APIError:
@@ -285,7 +303,7 @@ async def transcriptions(request: Request) -> Response:
     st = _state(request)
     _content_type(request, "multipart/form-data", "/v1/audio/transcriptions")
     async with request.form(max_files=1, max_fields=32) as form:
-        model = _check_model(st, form.get("model"))
+        _check_model(st, form.get("model"))
         fmt = form.get("response_format") or "json"
         if fmt not in TRANSCRIPTION_FORMATS:
             raise bad_param("response_format", f"expected one of {list(TRANSCRIPTION_FORMATS)}, got {fmt!r}")
@@ -323,7 +341,6 @@ async def transcriptions(request: Request) -> Response:
         raise _turn_error(e) from None
     finally:
         ticket.release()
-    del model
     return transcription_body(got.text, duration_s, fmt, usage(got.metrics), temperature, language)
 
 
@@ -332,20 +349,15 @@ async def _transcription_events(ticket: Ticket, conversation: Conversation, clip
     """``transcript.text.delta`` per text piece, then ``transcript.text.done`` with the whole text and usage (what
     the openai client parses; no ``[DONE]``, as OpenAI sends none here)."""
     text: List[str] = []
-    try:
-        async with aclosing(ticket.events(conversation, clip, INPUT_SAMPLE_RATE_HZ, "asr", config=config)) as events:
-            async for event in events:
-                if isinstance(event, TextEvent) and event.text:
-                    text.append(event.text)
-                    yield _sse({"type": "transcript.text.delta", "delta": event.text})
-    except Exception as e:
-        yield _sse(_turn_error(e).body())
-        return
-    finally:
-        ticket.release()
-    last = conversation.last
-    yield _sse({"type": "transcript.text.done", "text": "".join(text),
-                "usage": usage(last.metrics if last else None)})
+    async with aclosing(_events_or_error(ticket, conversation, clip, "asr", config, None)) as events:
+        async for event in events:
+            if isinstance(event, APIError):
+                yield _sse(event.body())
+                return
+            if isinstance(event, TextEvent) and event.text:
+                text.append(event.text)
+                yield _sse({"type": "transcript.text.delta", "delta": event.text})
+    yield _sse({"type": "transcript.text.done", "text": "".join(text), "usage": usage(_last_metrics(conversation))})
 
 
 def _decode_clip(data: bytes, fmt: Optional[str], what: str) -> Tuple[np.ndarray, float]:
@@ -585,27 +597,19 @@ async def _chat_chunks(st: Any, ticket: Ticket, conversation: Conversation, chat
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
     text: List[str] = []
-    try:
-        yield chunk({"role": "assistant", "content": None if speech else ""})
-        async with aclosing(ticket.events(conversation, chat.clip, INPUT_SAMPLE_RATE_HZ, chat.task, config=config,
-                                          seed=chat.seed)) as events:
-            async for event in events:
-                if isinstance(event, TextEvent):
-                    if not event.text:
-                        continue
-                    text.append(event.text)
-                    yield chunk({"audio": {"id": audio_id, "transcript": event.text}} if speech
-                                else {"content": event.text})
-                elif isinstance(event, AudioEvent) and speech and len(event.samples):
-                    data = base64.b64encode(audio_codec.to_pcm16(event.samples)).decode("ascii")
-                    yield chunk({"audio": {"id": audio_id, "data": data}})
-    except Exception as e:
-        yield _sse(_turn_error(e).body())
-        return
-    finally:
-        ticket.release()
-    last = conversation.last
-    metrics = last.metrics if last else None
+    yield chunk({"role": "assistant", "content": None if speech else ""})
+    async with aclosing(_events_or_error(ticket, conversation, chat.clip, chat.task, config, chat.seed)) as events:
+        async for event in events:
+            if isinstance(event, APIError):
+                yield _sse(event.body())
+                return
+            if isinstance(event, TextEvent) and event.text:
+                text.append(event.text)
+                yield chunk({"audio": {"id": audio_id, "transcript": event.text}} if speech else {"content": event.text})
+            elif isinstance(event, AudioEvent) and speech and len(event.samples):
+                data = base64.b64encode(audio_codec.to_pcm16(event.samples)).decode("ascii")
+                yield chunk({"audio": {"id": audio_id, "data": data}})
+    metrics = _last_metrics(conversation)
     if speech:
         st.remember(audio_id, "".join(text))
         yield chunk({"audio": {"id": audio_id, "expires_at": created + AUDIO_EXPIRY_S}}, _finish(metrics))
