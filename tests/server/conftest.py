@@ -5,7 +5,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 
@@ -45,11 +45,11 @@ def running_server(pipeline: Pipeline, config: ServerConfig) -> Iterator[str]:
 @pytest.fixture
 def serve(server_pipeline: Pipeline) -> Iterator[Callable[..., str]]:
     """``serve(**config)`` starts a server with those ServerConfig fields and returns its base URL; every server
-    started is stopped after the test."""
+    started is stopped after the test. ``serve(pipeline=p, ...)`` serves another pipeline than the session's."""
     stack = []
 
-    def start(**fields) -> str:
-        ctx = running_server(server_pipeline, ServerConfig(**fields))
+    def start(pipeline: Optional[Pipeline] = None, **fields) -> str:
+        ctx = running_server(pipeline or server_pipeline, ServerConfig(**fields))
         stack.append(ctx)
         return ctx.__enter__()
 

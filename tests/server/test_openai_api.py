@@ -9,7 +9,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
@@ -406,3 +405,19 @@ def test_audio_too_long_for_the_context(serve, clip: bytes) -> None:
     assert "4096" in err["message"]
     _expect(_transcribe(url, long_clip), 400, "context_length_exceeded")
     assert _chat(url, _ok_body(clip)).status_code == 200
+
+
+def test_an_internal_failure_is_500_and_the_server_goes_on(serve, tiny_bundle: Path, clip: bytes) -> None:
+    """A pipeline opened text_only cannot speak: a spoken chat fails inside the turn (no detokenizer), a real
+    failure of a component, not a bad request; the next (text) request is answered."""
+    from kimia_edge.runtime.pipeline import Pipeline, PipelineOptions
+
+    url = serve(pipeline=Pipeline.from_bundle(tiny_bundle, PipelineOptions(threads=1, prepack=False, text_only=True)))
+    body = {**_ok_body(clip), "modalities": ["text", "audio"], "audio": {"voice": "v", "format": "wav"}}
+    err = _expect(_chat(url, body), 500, "internal_error")
+    assert "text_only" in err["message"] and err["type"] == "server_error"
+    assert _chat(url, _ok_body(clip)).json()["choices"][0]["message"]["content"] is not None
+    stream = _chat(url, {**body, "stream": True, "audio": {"voice": "v", "format": "pcm16"}})
+    events = [json.loads(line[5:]) for line in stream.text.splitlines() if line.startswith("data:")]
+    assert events[-1]["error"]["code"] == "internal_error"  # a stream that already began ends with an error event
+    assert metric(url, 'kimia_http_requests_total{endpoint="/v1/chat/completions",method="POST",status="500"}') == 1
