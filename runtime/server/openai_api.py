@@ -331,7 +331,7 @@ async def transcriptions(request: Request) -> Response:
     def usage(m: Optional[RunMetrics]) -> Dict[str, Any]:
         steps = m.llm_steps if m else 0
         return {"type": "tokens", "input_tokens": prompt_len, "output_tokens": steps,
-                "total_tokens": prompt_len + steps, "input_token_details": {"audio_tokens": prompt_len}}
+                "total_tokens": prompt_len + steps}
 
     if stream:
         return EventSourceResponse(_transcription_events(ticket, conversation, clip, config, usage), ping=15)

@@ -421,3 +421,11 @@ def test_an_internal_failure_is_500_and_the_server_goes_on(serve, tiny_bundle: P
     events = [json.loads(line[5:]) for line in stream.text.splitlines() if line.startswith("data:")]
     assert events[-1]["error"]["code"] == "internal_error"  # a stream that already began ends with an error event
     assert metric(url, 'kimia_http_requests_total{endpoint="/v1/chat/completions",method="POST",status="500"}') == 1
+
+
+def test_serve_without_the_extra_is_one_line(tmp_path: Path) -> None:
+    script = ("import sys; sys.modules['fastapi'] = None  # as if not installed\n"
+              "from kimia_edge.cli import main; sys.exit(main(['serve', '--bundle', sys.argv[1]]))")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: kimia-edge serve needs the serve extra (fastapi missing): pip install kimia-edge[serve]"]
