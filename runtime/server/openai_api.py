@@ -311,7 +311,7 @@ async def transcriptions(request: Request) -> Response:
         if form.get("temperature") not in (None, ""):
             try:
                 temperature = float(form["temperature"])
-            except ValueError:
+            except (TypeError, ValueError):  # text that is no number, or a file part
                 raise bad_param("temperature", f"expected a number from 0 to 1, got {form['temperature']!r}") from None
             _number(temperature, "temperature", 0.0, 1.0)
         stream = _flag(form.get("stream") or "false", "stream")
