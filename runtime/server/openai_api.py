@@ -19,10 +19,11 @@ import base64
 import binascii
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Awaitable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import anyio
 import numpy as np
@@ -39,10 +40,11 @@ from kimia_edge.runtime.server import audio_codec
 from kimia_edge.runtime.server.errors import APIError, bad_param, too_large, unknown_model
 from kimia_edge.runtime.server.metrics import CONTENT_TYPE
 from kimia_edge.runtime.server.turns import QueueFull, Ticket
-from kimia_edge.runtime.streaming import AudioEvent, TextEvent
+from kimia_edge.runtime.streaming import AudioEvent, Event, TextEvent
 from kimia_edge.runtime.tasks import TASK_TABLE, generation_config, task_messages
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 FINISH_REASONS = {"text_eos": "stop", "audio_eos": "stop", "max_tokens": "length", "context_full": "length",
@@ -190,40 +192,74 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 @dataclasses.dataclass
+class _Turn:
+    """One admitted turn to run: its ticket, conversation, clip (16 kHz), task and settings."""
+
+    ticket: Ticket
+    conversation: Conversation
+    clip: np.ndarray
+    task: str
+    config: GenerationConfig
+    seed: Optional[int] = None
+
+
+@dataclasses.dataclass
 class _Collected:
     text: str
     audio: np.ndarray
     metrics: Optional[RunMetrics]
 
 
-async def _collect(ticket: Ticket, conversation: Conversation, clip: np.ndarray, task: str,
-                   config: GenerationConfig, seed: Optional[int]) -> _Collected:
+async def _whole_turn(request: Request, turn: _Turn) -> _Collected:
+    """The whole turn, cancelled if the client leaves first; its failure as an APIError; the ticket released."""
+    try:
+        return await _unless_disconnected(request, _collect(turn))
+    except Exception as e:
+        raise _turn_error(e) from None
+    finally:
+        turn.ticket.release()
+
+
+def _events(turn: _Turn) -> AsyncIterator[Event]:
+    return turn.ticket.events(turn.conversation, turn.clip, INPUT_SAMPLE_RATE_HZ, turn.task, config=turn.config,
+                              seed=turn.seed)
+
+
+async def _collect(turn: _Turn) -> _Collected:
     """Runs a whole turn: its text, its speech [S] float32 (empty for text tasks) and its metrics."""
     text: List[str] = []
     audio: List[np.ndarray] = []
-    async with aclosing(ticket.events(conversation, clip, INPUT_SAMPLE_RATE_HZ, task, config=config, seed=seed)) as ev:
+    async with aclosing(_events(turn)) as ev:
         async for event in ev:
             if isinstance(event, TextEvent):
                 text.append(event.text)
             elif isinstance(event, AudioEvent):
                 audio.append(event.samples)
     return _Collected("".join(text), np.concatenate(audio) if audio else np.zeros(0, np.float32),
-                      _last_metrics(conversation))
+                      _last_metrics(turn.conversation))
 
 
-async def _events_or_error(ticket: Ticket, conversation: Conversation, clip: np.ndarray, task: str,
-                           config: GenerationConfig, seed: Optional[int]) -> AsyncIterator[Any]:
-    """A streamed answer's runtime events, then, if the turn failed, the ``APIError`` to send as its last event
-    (the response has begun: no status can say it). Releases the ticket at the end."""
+async def _sse_answer(turn: _Turn, on_event: Callable[[Event], Optional[Dict[str, str]]],
+                      on_end: Callable[[Optional[RunMetrics]], List[Dict[str, str]]],
+                      first: Sequence[Dict[str, str]] = ()) -> AsyncIterator[Dict[str, str]]:
+    """A streamed answer: ``first``, ``on_event(event)`` per runtime event (None: nothing sent), then
+    ``on_end(metrics)``; if the turn fails, an error event instead of the end (the response has begun: no status
+    can say it). Releases the ticket at the end."""
     try:
-        async with aclosing(ticket.events(conversation, clip, INPUT_SAMPLE_RATE_HZ, task, config=config,
-                                          seed=seed)) as events:
+        for out in first:
+            yield out
+        async with aclosing(_events(turn)) as events:
             async for event in events:
-                yield event
+                out = on_event(event)
+                if out is not None:
+                    yield out
     except Exception as e:
-        yield _turn_error(e)
+        yield _sse(_turn_error(e).body())
+        return
     finally:
-        ticket.release()
+        turn.ticket.release()
+    for out in on_end(_last_metrics(turn.conversation)):
+        yield out
 
 
 def _last_metrics(conversation: Conversation) -> Optional[RunMetrics]:
@@ -238,6 +274,7 @@ def _turn_error(e: BaseException) -> APIError:
         return _context_error(e)
     if isinstance(e, AudioFileError):
         return APIError(400, str(e), code="invalid_audio")
+    log.error("a turn failed", exc_info=e)
     return APIError(500, f"the turn failed ({type(e).__name__}: {e}); the server is still running",
                     code="internal_error")
 
@@ -325,8 +362,7 @@ async def transcriptions(request: Request) -> Response:
         prompt_len = prompt_positions(st.pipeline, "asr", clip, [])
     except ContextFullError as e:
         raise _context_error(e) from None
-    ticket = _admit(st)
-    conversation = st.pipeline.conversation(keep_history=False)
+    turn = _Turn(_admit(st), st.pipeline.conversation(keep_history=False), clip, "asr", config)
 
     def usage(m: Optional[RunMetrics]) -> Dict[str, Any]:
         steps = m.llm_steps if m else 0
@@ -334,30 +370,27 @@ async def transcriptions(request: Request) -> Response:
                 "total_tokens": prompt_len + steps}
 
     if stream:
-        return EventSourceResponse(_transcription_events(ticket, conversation, clip, config, usage), ping=15)
-    try:
-        got = await _unless_disconnected(request, _collect(ticket, conversation, clip, "asr", config, None))
-    except Exception as e:
-        raise _turn_error(e) from None
-    finally:
-        ticket.release()
+        return EventSourceResponse(_transcription_events(turn, usage), ping=15)
+    got = await _whole_turn(request, turn)
     return transcription_body(got.text, duration_s, fmt, usage(got.metrics), temperature, language)
 
 
-async def _transcription_events(ticket: Ticket, conversation: Conversation, clip: np.ndarray,
-                                config: GenerationConfig, usage: Any) -> AsyncIterator[Dict[str, str]]:
+def _transcription_events(turn: _Turn, usage: Callable[[Optional[RunMetrics]], Dict[str, Any]]
+                         ) -> AsyncIterator[Dict[str, str]]:
     """``transcript.text.delta`` per text piece, then ``transcript.text.done`` with the whole text and usage (what
     the openai client parses; no ``[DONE]``, as OpenAI sends none here)."""
     text: List[str] = []
-    async with aclosing(_events_or_error(ticket, conversation, clip, "asr", config, None)) as events:
-        async for event in events:
-            if isinstance(event, APIError):
-                yield _sse(event.body())
-                return
-            if isinstance(event, TextEvent) and event.text:
-                text.append(event.text)
-                yield _sse({"type": "transcript.text.delta", "delta": event.text})
-    yield _sse({"type": "transcript.text.done", "text": "".join(text), "usage": usage(_last_metrics(conversation))})
+
+    def on_event(event: Event) -> Optional[Dict[str, str]]:
+        if not isinstance(event, TextEvent) or not event.text:
+            return None
+        text.append(event.text)
+        return _sse({"type": "transcript.text.delta", "delta": event.text})
+
+    def on_end(m: Optional[RunMetrics]) -> List[Dict[str, str]]:
+        return [_sse({"type": "transcript.text.done", "text": "".join(text), "usage": usage(m)})]
+
+    return _sse_answer(turn, on_event, on_end)
 
 
 def _decode_clip(data: bytes, fmt: Optional[str], what: str) -> Tuple[np.ndarray, float]:
@@ -543,19 +576,12 @@ async def chat_completions(request: Request) -> Response:
         prompt_len = await anyio.to_thread.run_sync(prompt_positions, st.pipeline, chat.task, chat.clip, chat.history)
     except ContextFullError as e:
         raise _context_error(e) from None
-    ticket = _admit(st)
-    conversation = st.pipeline.conversation(keep_history=False)
-    conversation.history = chat.history
+    turn = _Turn(_admit(st), st.pipeline.conversation(keep_history=False), chat.clip, chat.task, config, chat.seed)
+    turn.conversation.history = chat.history
     ids = (f"chatcmpl-{uuid.uuid4().hex}", f"audio_{uuid.uuid4().hex}", int(time.time()))
     if chat.stream:
-        return EventSourceResponse(_chat_chunks(st, ticket, conversation, chat, config, prompt_len, ids), ping=15)
-    try:
-        got = await _unless_disconnected(request, _collect(ticket, conversation, chat.clip, chat.task, config,
-                                                           chat.seed))
-    except Exception as e:
-        raise _turn_error(e) from None
-    finally:
-        ticket.release()
+        return EventSourceResponse(_chat_chunks(st, turn, chat, prompt_len, ids), ping=15)
+    got = await _whole_turn(request, turn)
     completion_id, audio_id, created = ids
     message: Dict[str, Any] = {"role": "assistant", "content": got.text, "refusal": None}
     if chat.task == "chat":
@@ -584,38 +610,37 @@ def _chat_usage(prompt_len: int, m: Optional[RunMetrics]) -> Dict[str, Any]:
             **_metric_extras(m)}
 
 
-async def _chat_chunks(st: Any, ticket: Ticket, conversation: Conversation, chat: ChatRequest,
-                       config: GenerationConfig, prompt_len: int, ids: Tuple[str, str, int]
-                       ) -> AsyncIterator[Dict[str, str]]:
+def _chat_chunks(st: Any, turn: _Turn, chat: ChatRequest, prompt_len: int, ids: Tuple[str, str, int]
+                 ) -> AsyncIterator[Dict[str, str]]:
     """A chunk per runtime event as it arrives, a last chunk with finish_reason, usage if asked, ``[DONE]``."""
     completion_id, audio_id, created = ids
     speech = chat.task == "chat"
+    text: List[str] = []
 
     def chunk(delta: Dict[str, Any], finish: Optional[str] = None) -> Dict[str, str]:
         return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
                      "model": chat.model, "system_fingerprint": None,
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
-    text: List[str] = []
-    yield chunk({"role": "assistant", "content": None if speech else ""})
-    async with aclosing(_events_or_error(ticket, conversation, chat.clip, chat.task, config, chat.seed)) as events:
-        async for event in events:
-            if isinstance(event, APIError):
-                yield _sse(event.body())
-                return
-            if isinstance(event, TextEvent) and event.text:
-                text.append(event.text)
-                yield chunk({"audio": {"id": audio_id, "transcript": event.text}} if speech else {"content": event.text})
-            elif isinstance(event, AudioEvent) and speech and len(event.samples):
-                data = base64.b64encode(audio_codec.to_pcm16(event.samples)).decode("ascii")
-                yield chunk({"audio": {"id": audio_id, "data": data}})
-    metrics = _last_metrics(conversation)
-    if speech:
-        st.remember(audio_id, "".join(text))
-        yield chunk({"audio": {"id": audio_id, "expires_at": created + AUDIO_EXPIRY_S}}, _finish(metrics))
-    else:
-        yield chunk({}, _finish(metrics))
-    if chat.include_usage:
-        yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": chat.model,
-                    "choices": [], "usage": _chat_usage(prompt_len, metrics)})
-    yield _sse("[DONE]")
+    def on_event(event: Event) -> Optional[Dict[str, str]]:
+        if isinstance(event, TextEvent) and event.text:
+            text.append(event.text)
+            return chunk({"audio": {"id": audio_id, "transcript": event.text}} if speech else {"content": event.text})
+        if isinstance(event, AudioEvent) and speech and len(event.samples):
+            data = base64.b64encode(audio_codec.to_pcm16(event.samples)).decode("ascii")
+            return chunk({"audio": {"id": audio_id, "data": data}})
+        return None
+
+    def on_end(m: Optional[RunMetrics]) -> List[Dict[str, str]]:
+        out = []
+        if speech:
+            st.remember(audio_id, "".join(text))
+            out.append(chunk({"audio": {"id": audio_id, "expires_at": created + AUDIO_EXPIRY_S}}, _finish(m)))
+        else:
+            out.append(chunk({}, _finish(m)))
+        if chat.include_usage:
+            out.append(_sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                             "model": chat.model, "choices": [], "usage": _chat_usage(prompt_len, m)}))
+        return out + [_sse("[DONE]")]
+
+    return _sse_answer(turn, on_event, on_end, first=[chunk({"role": "assistant", "content": None if speech else ""})])
