@@ -14,8 +14,8 @@ which clients beyond 1 + that many get 429s.
     python bench/server.py --bundle BUNDLE [--clients 1 2 4 8] [--seconds 30] [--max-tokens 40]
         [--queues 8 1] [--threads 2] [--markdown docs/server.md]
 
-The table goes between the ``<!-- bench/server.py -->`` markers of ``--markdown``; timings are reported, never
-asserted.
+The table goes between the ``<!-- bench/server.py SECTION: begin/end -->`` markers of ``--markdown``; timings are
+reported, never asserted.
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ import httpx
 
 from kimia_edge.runtime.metrics import machine_label
 
-MARK_BEGIN, MARK_END = "<!-- bench/server.py: begin -->", "<!-- bench/server.py: end -->"
 DEFAULT_CLIP = Path(__file__).resolve().parents[2] / "shared" / "audio" / "qa_example.wav"
 
 
@@ -167,12 +166,13 @@ def table(cells: List[Cell], header: str) -> str:
     return "\n".join(rows)
 
 
-def write_markdown(path: Path, text: str) -> None:
-    """Replaces what stands between the markers of ``path`` (or appends them with ``text``)."""
+def write_markdown(path: Path, text: str, section: str) -> None:
+    """Replaces what stands between the markers of ``section`` in ``path`` (or appends them with ``text``)."""
+    begin, end = f"<!-- bench/server.py {section}: begin -->", f"<!-- bench/server.py {section}: end -->"
     old = path.read_text() if path.exists() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        new = old[:old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END):]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
     path.write_text(new)
@@ -189,6 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, help="ONNX / llama.cpp threads of the server")
     p.add_argument("--label", default="", help="what the bundle is (tiny, small...), for the table's header")
     p.add_argument("--markdown", type=Path, help="write the table into this file, between its markers")
+    p.add_argument("--section", default="tiny", help="which table of --markdown (its markers name it)")
     a = p.parse_args(argv)
 
     body = {"model": "kimi-audio", "modalities": ["text", "audio"], "audio": {"voice": "default", "format": "pcm16"},
@@ -215,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = table(cells, header)
     print("\n" + text)
     if a.markdown:
-        write_markdown(a.markdown, text)
+        write_markdown(a.markdown, text, a.section)
     return 0
 
 
