@@ -48,10 +48,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     ids = model_ids(args.bundle, options, config.model_name)
     pipeline = Pipeline.from_bundle(args.bundle, options)
-    app = create_app(pipeline, config, ids)
+    app = create_app(pipeline, config, ids, bundle_dir=args.bundle)
     print(f"kimia-edge serve: {', '.join(ids)} on http://{args.host}:{args.port} "
           f"({'API key required' if config.api_key else 'no API key'})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio")
     return 0
 
 

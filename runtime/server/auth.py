@@ -1,5 +1,6 @@
 """API-key check of ``kimia-edge serve``: ``Authorization: Bearer KEY`` on every endpoint except ``GET /health``
-and ``GET /`` when the server has a key; keys compared in constant time (``hmac.compare_digest``).
+and the page (``GET /``, ``/static/``) when the server has a key; keys compared in constant time
+(``hmac.compare_digest``).
 
 Browsers cannot set headers on a WebSocket, so OpenAI's clients send the key as a ``Sec-WebSocket-Protocol`` entry
 ``openai-insecure-api-key.KEY``; ``key_ok`` accepts that as well as the header. ``ws_subprotocol`` picks the
@@ -47,8 +48,8 @@ def ws_subprotocol(headers: Mapping[str, str]) -> Optional[str]:
 
 
 class RequireKey:
-    """ASGI middleware: refuses HTTP requests (401, OpenAI-shaped) and WebSocket handshakes (closed before
-    accepting: HTTP 403) that do not carry ``api_key``; ``GET /health`` and ``GET /`` stay open."""
+    """ASGI middleware: refuses HTTP requests that do not carry ``api_key`` (401, OpenAI-shaped); ``GET /health``, the
+    page at ``/`` and its ``/static/`` files stay open (they hold no secret). WebSockets check the key themselves."""
 
     def __init__(self, app: ASGIApp, api_key: Optional[str]) -> None:
         self.app, self.api_key = app, api_key
@@ -56,13 +57,12 @@ class RequireKey:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.api_key is None or scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and scope["path"] in OPEN_PATHS:
+        if scope["type"] == "websocket":  # the socket's handler checks the key with ``key_ok`` after accepting,
+            return await self.app(scope, receive, send)  # so that a browser is told why (a refused handshake is 1006)
+        if scope["method"] in ("GET", "HEAD") and (scope["path"] in OPEN_PATHS or scope["path"].startswith("/static/")):
             return await self.app(scope, receive, send)
         if key_ok(Headers(scope=scope), self.api_key):
             return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 1008, "reason": "invalid API key"})
-            return
         from kimia_edge.runtime.server.errors import APIError
 
         error = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import logging
 import time
@@ -53,6 +52,7 @@ from kimia_edge.runtime.pipeline import INPUT_SAMPLE_RATE_HZ, Conversation
 from kimia_edge.runtime.streaming import AudioEvent, TextEvent
 from kimia_edge.runtime.tasks import generation_config
 from kimia_edge.runtime.vad import VadConfig, open_vad
+from kimia_edge.runtime.server.auth import key_ok, ws_subprotocol
 from kimia_edge.runtime.server.turns import QueueFull
 
 log = logging.getLogger(__name__)
@@ -81,28 +81,6 @@ class ClientError(Exception):
     def __init__(self, code: str, message: str, param: Optional[str] = None) -> None:
         super().__init__(message)
         self.code, self.param = code, param
-
-
-# ---- auth ---------------------------------------------------------------------------------------------------------
-def _key_ok(websocket: WebSocket, api_key: Optional[str]) -> bool:
-    """TODO(A): replace with ``runtime/server/auth.key_ok(websocket.headers)`` once it lands. The key as
-    ``Authorization: Bearer KEY`` or as the ``openai-insecure-api-key.KEY`` subprotocol (browsers cannot set
-    headers on a WebSocket)."""
-    if not api_key:
-        return True
-    offered = [f"Bearer {p[len(KEY_SUBPROTOCOL):]}" for p in websocket.scope.get("subprotocols", [])
-               if p.startswith(KEY_SUBPROTOCOL)]
-    return any(hmac.compare_digest(c.encode(), f"Bearer {api_key}".encode())
-               for c in [websocket.headers.get("authorization", "")] + offered)
-
-
-def _subprotocol(websocket: WebSocket) -> Optional[str]:
-    """The subprotocol to answer with: a browser that offered some fails the handshake unless one is chosen;
-    never the one carrying the key."""
-    offered = [p for p in websocket.scope.get("subprotocols", []) if not p.startswith(KEY_SUBPROTOCOL)]
-    return "realtime" if "realtime" in offered else (offered[0] if offered else None)
-
-
 
 
 def _truncate_last(conversation: Conversation, played_samples: int) -> str:
@@ -646,8 +624,8 @@ class _Session:
 @router.websocket("/v1/realtime")
 async def realtime(websocket: WebSocket) -> None:
     state = websocket.app.state.kimia
-    await websocket.accept(subprotocol=_subprotocol(websocket))
-    if not _key_ok(websocket, state.config.api_key):
+    await websocket.accept(subprotocol=ws_subprotocol(websocket.headers))
+    if not key_ok(websocket.headers, state.config.api_key):
         await websocket.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
             "type": "invalid_request_error", "code": "invalid_api_key", "message": "missing or wrong API key "
             "(Authorization: Bearer KEY or the subprotocol openai-insecure-api-key.KEY)", "param": None,

@@ -26,7 +26,7 @@ def server_pipeline(tiny_bundle: Path) -> Pipeline:
 def running_server(pipeline: Pipeline, config: ServerConfig) -> Iterator[str]:
     """uvicorn serving ``create_app`` on a free port of 127.0.0.1, in a thread; yields the base URL."""
     app = create_app(pipeline, config, ["kimi-audio@Q8_0"])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="websockets"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="websockets-sansio"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -175,6 +175,8 @@ def test_api_key_is_required_when_set(serve, clip: bytes) -> None:
     assert httpx.post(url + "/v1/audio/transcriptions").status_code == 401
     assert httpx.get(url + "/metrics").status_code == 401
     assert httpx.get(url + "/health").status_code == 200  # open: load balancers probe it
+    # the page and its scripts are open (a browser cannot send a header for them; they hold no secret)
+    assert httpx.get(url + "/").status_code == 200 and httpx.get(url + "/static/app.js").status_code == 200
     assert client(url, KEY).audio.transcriptions.create(model=MODEL, file=("q.wav", clip)).text is not None
     assert httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
