@@ -44,6 +44,7 @@ from kimia_edge.runtime.prompt import Prompt
 from kimia_edge.runtime.sampler import SamplerParams
 from kimia_edge.runtime.special_tokens import SpecialTokens
 from kimia_edge.runtime.metrics import machine_label
+from kimia_edge.quantization.study.metrics import kld_rows
 
 __all__ = ["Variant", "VARIANTS", "HeadQuality", "VariantQuality", "TokenStream", "golden_prompt", "token_stream",
            "teacher_forced_logits", "kld_rows", "compare_heads", "run_study", "markdown_table", "main"]
@@ -159,23 +160,6 @@ def teacher_forced_logits(backend: LlamaCppBackend, stream: TokenStream) -> Dict
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def _log_softmax64(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def kld_rows(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
-    """KL(softmax(ref) || softmax(logits)) per row, nats, float64; [P, V] x2 -> [P]. Identical rows give exactly 0."""
-    if ref_logits.shape != logits.shape:
-        raise ValueError(f"logits: expected shape {ref_logits.shape}, got {logits.shape}")
-    out = np.empty(ref_logits.shape[0], dtype=np.float64)
-    for i in range(ref_logits.shape[0]):  # row by row: [V] float64 temporaries only
-        lp, lq = _log_softmax64(ref_logits[i]), _log_softmax64(logits[i])
-        out[i] = float(np.sum(np.exp(lp) * (lp - lq)))
-    return out
-
-
 def compare_heads(ref: Dict[str, np.ndarray], got: Dict[str, np.ndarray]) -> Dict[str, HeadQuality]:
     out = {}
     for h in HEADS:
