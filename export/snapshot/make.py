@@ -7,6 +7,7 @@ complete: it is written next to ``out`` under a temporary name and renamed at th
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +35,13 @@ def _writers() -> Dict[str, Callable[[Path, str, int], None]]:
 
 
 COMPONENTS = ("llm", "whisper", "glm_tokenizer", "detokenizer", "vocoder")
+# Written into every generated snapshot: what reads a snapshot (the quantization study) can say its weights are random.
+GENERATED_MARKER = "kimia-edge-generated.json"
+
+
+def is_generated(snapshot: Path) -> bool:
+    """True if ``snapshot`` was written by ``make_snapshot`` (random weights), by its marker file."""
+    return (Path(snapshot) / GENERATED_MARKER).is_file()
 
 
 def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable[str]] = None) -> Path:
@@ -56,6 +64,8 @@ def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable
     try:
         for name in tqdm(chosen, desc=f"snapshot {size}", unit="component"):
             writers[name](tmp, size, seed + COMPONENTS.index(name))
+        (tmp / GENERATED_MARKER).write_text(json.dumps({"size": size, "seed": seed, "components": list(chosen),
+                                                        "weights": "random"}) + "\n")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
