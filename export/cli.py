@@ -99,6 +99,25 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from kimia_edge.quantization.study.report import replot, write_report
+    from kimia_edge.quantization.study.run import run_study
+
+    if args.replot:
+        replot(args.replot)
+        print(f"redrew {args.replot / 'report.md'} and its plots from report.json")
+        return 0
+    missing = [o for o in ("snapshot", "audio", "out") if getattr(args, o) is None]
+    if missing:
+        raise ValueError(f"study: {', '.join('--' + m for m in missing)} required (or --replot REPORT)")
+    counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
+                       bundle=args.bundle)
+    report = write_report(args.out)
+    print(f"{counts['computed']} cells measured, {counts['reused']} reused from an earlier run")
+    print(f"report: {args.out / 'report.md'} ({report['header']['label']})")
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     from kimia_edge.export.snapshot.make import COMPONENTS
     from kimia_edge.export.snapshot.presets import SIZES
@@ -125,6 +144,20 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("--seed", type=int, default=0)
     exp.set_defaults(handler=_needs_build_extra(_export))
+
+    study = sub.add_parser("study", help="measure what each precision costs, per component (quantization study)")
+    study.add_argument("--snapshot", type=Path, help="snapshot folder (the reference)")
+    study.add_argument("--audio", type=Path, help="folder of speech files (any rate, any channels)")
+    study.add_argument("--out", type=Path, help="report folder; a re-run resumes what is stored there")
+    study.add_argument("--variants", help="e.g. 'fp16,dit_step=int8_dynamic,llm=Q8_0' (default: every precision the "
+                                          "registry knows for every graph, every GGUF row)")
+    study.add_argument("--jobs", type=int, default=1, help="cells measured in parallel (process pool; same numbers)")
+    study.add_argument("--steps", type=int, default=64, help="greedy F32 steps of the LLM reference stream per clip")
+    study.add_argument("--bundle", type=Path, help="take the fp32 graphs from this bundle of the same snapshot "
+                                                   "instead of exporting them")
+    study.add_argument("--replot", type=Path, metavar="REPORT", help="redraw report.md and the plots from "
+                                                                    "REPORT/report.json, measure nothing")
+    study.set_defaults(handler=_needs_build_extra(_study))
 
     ref = sub.add_parser("reference", help="run the PyTorch reference (the golden pipeline)")
     ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION")

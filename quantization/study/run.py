@@ -101,9 +101,13 @@ def _fp32_graph(paths: StudyPaths, snapshot: Path, name: str, bundle: Optional[P
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     if bundle is not None:
+        from kimia_edge.export.exporter import source_info
         from kimia_edge.runtime.bundle import read_manifest
 
-        art = read_manifest(bundle).artifact(name, "fp32")
+        manifest = read_manifest(bundle)
+        if manifest.source.get("config_sha256") != source_info(snapshot)["config_sha256"]:
+            raise ValueError(f"--bundle {bundle} was not exported from {snapshot} (config fingerprints differ)")
+        art = manifest.artifact(name, "fp32")
         src = Path(bundle) / art.path
         for f in graph_files(src):
             shutil.copyfile(f, dst if f == src else external_data_file(dst))

@@ -26,6 +26,7 @@ __all__ = ["StudyVariant", "LLM", "FLOOR_GRAPH", "FLOOR_LLM", "parse_variants", 
 LLM = "llm"
 FLOOR_GRAPH = ("fp32", "torch_threads")
 FLOOR_LLM = ("F32_threads",)
+_ORDER = (*ONNX_GRAPHS, LLM)
 
 
 def slug(name: str) -> str:
@@ -88,7 +89,7 @@ def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
                 chosen |= {StudyVariant(g, name) for g in ([component] if component else ONNX_GRAPHS)}
     for component in {v.component for v in chosen}:
         chosen |= {StudyVariant(component, f) for f in (FLOOR_LLM if component == LLM else FLOOR_GRAPH)}
-    return sorted(chosen, key=lambda v: (v.component != LLM and ONNX_GRAPHS.index(v.component), not v.floor, v.name))
+    return sorted(chosen, key=lambda v: (_ORDER.index(v.component), not v.floor, v.name))
 
 
 def clip_id(path: Path) -> str:

@@ -1,0 +1,80 @@
+"""`kimia-edge study` end to end on the tiny snapshot: two variants (one ONNX graph, one GGUF row) and their noise
+floors on one clip, interrupted after its first cell and resumed, then the same study on a process pool (same
+numbers), the report and --replot. The fp32 graphs come from the session bundle (no export here)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kimia_edge.quantization.study.spec import StudyVariant, parse_variants
+
+VARIANTS = "adaptor=int8_dynamic,llm=Q8_0"
+
+
+def test_variant_spec():
+    got = parse_variants(VARIANTS)
+    assert got == [StudyVariant("adaptor", "fp32"), StudyVariant("adaptor", "torch_threads"),
+                   StudyVariant("adaptor", "int8_dynamic"), StudyVariant("llm", "F32_threads"),
+                   StudyVariant("llm", "Q8_0")]
+    assert {v.component for v in parse_variants("fp16")} == {"whisper_encoder", "vq_encoder", "adaptor", "dit_step",
+                                                             "vocoder"}
+    assert StudyVariant("llm", "Q4_K_M+emb-heads-Q8_0") in parse_variants(None)
+    assert StudyVariant("llm", "Q6_K") in parse_variants("Q6_K")
+    for bad in ("adaptor=int3", "nosuch=fp16", "llm=Q9_X"):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _metrics(out: Path) -> dict:
+    return {p.name: json.loads(p.read_text())["metrics"] for p in sorted((out / "cells").glob("*.json"))}
+
+
+def test_tiny_study_resumes_and_pools(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
+    from kimia_edge.quantization.study.report import replot, write_report
+    from kimia_edge.quantization.study.run import run_study
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    out = tmp_path / "report"
+    kw = dict(variants=VARIANTS, steps=8, bundle=tiny_bundle, progress=False)
+
+    def stop(key):
+        raise _Stop(key)
+
+    with pytest.raises(_Stop):  # interrupted right after the first cell is stored
+        run_study(tiny_snapshot, audio, out, on_cell=stop, **kw)
+    first = list((out / "cells").glob("*.json"))
+    assert len(first) == 1
+    mtime = first[0].stat().st_mtime_ns
+    counts = run_study(tiny_snapshot, audio, out, **kw)
+    assert counts == {"cells": 5, "computed": 4, "reused": 1}
+    assert first[0].stat().st_mtime_ns == mtime  # the finished cell was not measured again
+    assert run_study(tiny_snapshot, audio, out, **kw)["computed"] == 0
+
+    pooled = tmp_path / "pooled"
+    shutil.copytree(out, pooled, ignore=shutil.ignore_patterns("cells"))  # the references and variants, no cell
+    assert run_study(tiny_snapshot, audio, pooled, jobs=2, **kw)["computed"] == 5
+    assert _metrics(pooled) == _metrics(out)
+
+    report = write_report(out)
+    assert report["header"]["generated_snapshot"] and "random" in report["header"]["label"]
+    adaptor = report["components"]["adaptor"]
+    assert adaptor["torch_threads"]["headline"] <= adaptor["fp32"]["headline"] < 1e-5
+    assert 0 < adaptor["int8_dynamic"]["headline"] < 0.2 and adaptor["int8_dynamic"]["within_floor"] is False
+    llm = report["components"]["llm"]
+    assert llm["F32_threads"]["headline"] == {"text": 0.0, "audio": 0.0}
+    assert 0 < llm["Q8_0"]["headline"]["text"] < 0.05 and llm["Q8_0"]["greedy_steps"] == 8
+    text = (out / "report.md").read_text()
+    assert "random" in text and "| Q8_0 |" in text
+    for png in ("pareto_adaptor.png", "pareto_llm.png", "kld_hist.png"):
+        (out / png).unlink()
+    replot(out)
+    assert all((out / png).stat().st_size > 0 for png in ("pareto_adaptor.png", "pareto_llm.png", "kld_hist.png"))
