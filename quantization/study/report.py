@@ -74,6 +74,8 @@ def build_report(out: Path) -> Dict[str, Any]:
     paths = StudyPaths(out)
     config = json.loads(paths.config.read_text())
     cells = load_cells(out)
+    unavailable = {f"{c['component']}={c['variant']}": c["unavailable"] for c in cells if "unavailable" in c}
+    cells = [c for c in cells if "unavailable" not in c]
     by_variant: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for c in cells:
         by_variant[(c["component"], c["variant"])].append(c)
@@ -95,6 +97,7 @@ def build_report(out: Path) -> Dict[str, Any]:
             for k in ("greedy_agreement_steps", "audio_token_agreement", "text_token_agreement"):
                 row[k] = _summary([c["metrics"][k] for c in cs])
             row["greedy_steps"] = cs[0]["metrics"]["greedy_steps"]
+            row["tensor_types"] = cs[0]["cost"].get("tensor_types", {})
             row["headline"] = {h: row[h]["mean_kld"]["mean"] for h in ("text", "audio")}
         else:
             for path, _, _ in _COLUMNS.get(component, ()):
@@ -132,6 +135,7 @@ def build_report(out: Path) -> Dict[str, Any]:
         "headline_metrics": {k: v[1] for k, v in HEADLINE.items()},
         "components": {c: rows[c] for c in _COMPONENT_ORDER if c in rows},
         "floors": floors,
+        "unavailable": unavailable,
     }
 
 
@@ -185,12 +189,17 @@ def markdown(report: Dict[str, Any]) -> str:
                     f"{q['p99_kld']['mean']:.3g} | {100 * q['top1_agreement']['mean']:.1f} % ± "
                     f"{100 * pm['top1_agreement']:.1f} | {q['rms_delta_p']['mean']:.3g} ± {pm['rms_delta_p']:.2g} | "
                     f"{d['p1']:.3g} / {d['p50']:.3g} / {d['p99']:.3g} | {verdict} |")
-        lines += ["", "| variant | greedy agreement (steps) | audio-token agreement | text-token agreement |",
-                  "|---|---:|---:|---:|"]
+        lines += ["", "| variant | greedy agreement (steps) | audio-token agreement | text-token agreement | "
+                  "tensor types (trunk + audio) |", "|---|---:|---:|---:|---|"]
         for name, r in report["components"]["llm"].items():
+            types = ", ".join(f"{k} {v}" for k, v in r.get("tensor_types", {}).items())
             lines.append(f"| {name} | {_fmt(r['greedy_agreement_steps'], '.1f')} of {r['greedy_steps']} | "
-                         f"{_fmt(r['audio_token_agreement'], '.3f')} | {_fmt(r['text_token_agreement'], '.3f')} |")
+                         f"{_fmt(r['audio_token_agreement'], '.3f')} | {_fmt(r['text_token_agreement'], '.3f')} | "
+                         f"{types} |")
         lines.append("")
+    if report.get("unavailable"):
+        lines += ["## Not measured", "", "| variant | why |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in sorted(report["unavailable"].items())] + [""]
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in _plot_names(report)]
     return "\n".join(lines) + "\n"
 
@@ -223,8 +232,8 @@ def plot(report: Dict[str, Any], folder: Path) -> List[Path]:
                 y = r["headline"][head] if head else r["headline"]
                 xs.append(r["bytes"] / 1e6), ys.append(max(y, 1e-12)), names.append(name)
             ax.scatter(xs, ys, marker=marker, label=f"{head} head" if head else None)
-            for x, y, n in zip(xs, ys, names):
-                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for i, (x, y, n) in enumerate(zip(xs, ys, names)):  # alternate offsets: near points stay readable
+                ax.annotate(n, (x, y), fontsize=7, xytext=(4, 4 - 12 * (i % 2)), textcoords="offset points")
             floor = report["floors"][component][head] if head else report["floors"][component]
             if floor > 0:
                 ax.axhline(floor, ls="--", lw=0.8, color="grey")

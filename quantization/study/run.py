@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
@@ -195,7 +196,7 @@ def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence
     for name in graphs:
         _fp32_graph(paths, snapshot, name, bundle)
     for v in variants:
-        if v.component == LLM or v.floor or paths.graph(v.component, v.name).exists():
+        if v.component == LLM or v.floor or paths.graph(v.component, v.name).exists() or _unavailable(paths, v):
             continue
         from kimia_edge.export.graphs import graph_spec
 
@@ -205,13 +206,36 @@ def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence
             calibration = [f for c in clips for f in _load_pickle(paths.reference(c, v.component))["feeds"]]
         dst = paths.graph(v.component, v.name)
         tmp = dst.with_name(f".{dst.name}.partial.onnx")
-        make_variant(v.name, paths.graph(v.component, "fp32"), tmp, calibration, spec.int8_dynamic_signed_weights)
+        try:
+            make_variant(v.name, paths.graph(v.component, "fp32"), tmp, calibration, spec.int8_dynamic_signed_weights)
+        except Exception as e:  # noqa: BLE001 - a variant the tools cannot make is reported, not fatal
+            mark_unavailable(paths, v, clips, f"{type(e).__name__}: {e}")
+            continue
         from kimia_edge.export.fileio import external_data_file
 
         if external_data_file(tmp).exists():
             external_data_file(tmp).rename(external_data_file(dst))
         tmp.rename(dst)
         log.info("variant %s made", v.label)
+
+
+def _unavailable_path(paths: StudyPaths, v: StudyVariant) -> Path:
+    return paths.root / "cache" / "unavailable" / f"{v.component}__{v.name}.txt"
+
+
+def _unavailable(paths: StudyPaths, v: StudyVariant) -> bool:
+    return _unavailable_path(paths, v).exists()
+
+
+def mark_unavailable(paths: StudyPaths, v: StudyVariant, clips, reason: str) -> None:
+    """A variant that cannot be made: its cells are stored as unavailable with the reason (the report lists them)."""
+    log.warning("%s: not measured (%s)", v.label, reason)
+    path = _unavailable_path(paths, v)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(reason + "\n")
+    for clip in clips:
+        write_json(paths.cell(Cell(v, clip)), {"component": v.component, "variant": v.name, "floor": False,
+                                                "clip": clip, "unavailable": reason, "version": STUDY_VERSION})
 
 
 def gguf_files(paths: StudyPaths, row: str) -> Dict[str, Path]:
@@ -238,11 +262,16 @@ def prepare_llm(paths: StudyPaths, snapshot: Path, variants: Sequence[StudyVaria
         (f32 / ".done").touch()
     rows, _ = llm_rows()
     for v in llm_variants:
-        if v.floor or (paths.gguf / v.name / ".done").exists():
+        if v.floor or (paths.gguf / v.name / ".done").exists() or _unavailable(paths, v):
             continue
         row = rows.get(v.name)
         qtype, out_t, emb_t = (row.qtype, row.output_type, row.token_embedding_type) if row else (v.name, None, None)
-        quantize_llm(f32, paths.gguf / v.name, qtype, output_type=out_t, token_embedding_type=emb_t)
+        try:
+            quantize_llm(f32, paths.gguf / v.name, qtype, output_type=out_t, token_embedding_type=emb_t)
+        except Exception as e:  # noqa: BLE001 - llama.cpp refusing a type on these shapes is a finding, not fatal
+            why = re.sub(r"^.*?(llama_model_quantize failed \(exit -?\d+\)).*$", r"\1", str(e), flags=re.S)
+            mark_unavailable(paths, v, clips, f"{type(e).__name__}: {qtype} (output {out_t}, embedding {emb_t}): {why}")
+            continue
         (paths.gguf / v.name / ".done").touch()
     for clip, path in clips.items():
         target = paths.reference(clip, LLM)
@@ -384,8 +413,11 @@ def llm_cell(paths: StudyPaths, cell: Cell) -> Dict[str, Any]:
         "audio_token_agreement": M.token_agreement([a for a, _ in stream.fed], [a for a, _ in free.fed]),
         "text_token_agreement": M.token_agreement([t for _, t in stream.fed], [t for _, t in free.fed]),
     }
+    from kimia_edge.quantization.llm_quality import _weights
+
     nbytes = sum(files[r].stat().st_size for r in ("trunk", "audio"))
-    return {"metrics": m, "cost": {"bytes": nbytes, "seconds": seconds, "threads": threads}}
+    _, types = _weights(files)  # ggml type -> tensor count: shows the K-quants' fallbacks on small shapes
+    return {"metrics": m, "cost": {"bytes": nbytes, "seconds": seconds, "threads": threads, "tensor_types": types}}
 
 
 def compute_cell(out: str, snapshot: str, cell: Cell, pooled: bool) -> str:
