@@ -78,3 +78,34 @@ def test_tiny_study_resumes_and_pools(tiny_snapshot, tiny_bundle, shared_audio, 
         (out / png).unlink()
     replot(out)
     assert all((out / png).stat().st_size > 0 for png in ("pareto_adaptor.png", "pareto_llm.png", "kld_hist.png"))
+
+
+def test_a_variant_that_cannot_be_made_is_reported_not_fatal(tmp_path):
+    """mark_unavailable stores one cell per clip with the reason; the report lists it and measures the rest."""
+    from kimia_edge.quantization.study.report import build_report, markdown
+    from kimia_edge.quantization.study.run import StudyPaths, load_cells, mark_unavailable, write_json
+
+    paths = StudyPaths(tmp_path)
+    write_json(paths.config, {"version": 1, "source": {"snapshot": "snap", "config_sha256": "0" * 64},
+                              "generated_snapshot": False, "clips": {"a-1": "a.wav", "b-2": "b.wav"}, "variants": [],
+                              "llm_steps": 8, "bundle": None})
+    floor = {"metrics": {"rel_l2": 1e-7, "cosine": 1.0, "snr_db": 130.0}, "cost": {"bytes": 10, "seconds": 0.1},
+             "component": "adaptor", "variant": "fp32", "floor": True, "clip": "a-1"}
+    write_json(paths.cells / "adaptor__fp32__a-1.json", floor)
+    mark_unavailable(paths, StudyVariant("llm", "Q4_K_M+emb-heads-Q8_0"), ["a-1", "b-2"], "llama.cpp said no")
+    assert len(load_cells(tmp_path)) == 3
+    report = build_report(tmp_path)
+    assert report["unavailable"] == {"llm=Q4_K_M+emb-heads-Q8_0": "llama.cpp said no"}
+    assert list(report["components"]) == ["adaptor"]
+    text = markdown(report)
+    assert "not marked as generated" in text and "| llm=Q4_K_M+emb-heads-Q8_0 | llama.cpp said no |" in text
+
+
+def test_bundle_of_another_snapshot_is_refused(tiny_bundle, tmp_path):
+    from kimia_edge.quantization.study.run import StudyPaths, _fp32_graph
+
+    other = tmp_path / "snap"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not exported from"):
+        _fp32_graph(StudyPaths(tmp_path / "out"), other, "adaptor", tiny_bundle)
