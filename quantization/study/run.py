@@ -22,6 +22,7 @@ greedy run (steps until the first divergence, audio / text token agreement).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -108,20 +109,41 @@ def _fp32_graph(paths: StudyPaths, snapshot: Path, name: str, bundle: Optional[P
         manifest = read_manifest(bundle)
         if manifest.source.get("config_sha256") != source_info(snapshot)["config_sha256"]:
             raise ValueError(f"--bundle {bundle} was not exported from {snapshot} (config fingerprints differ)")
-        art = manifest.artifact(name, "fp32")
-        src = Path(bundle) / art.path
-        for f in graph_files(src):
-            shutil.copyfile(f, dst if f == src else external_data_file(dst))
+        src = Path(bundle) / manifest.artifact(name, "fp32").path
+        if src.name != dst.name:
+            raise ValueError(f"{src}: expected a graph named {dst.name} (its data file is found by that name)")
+        with _staged(dst) as tmp:
+            for f in graph_files(src):
+                shutil.copyfile(f, tmp if f == src else external_data_file(tmp))
         return dst
     from kimia_edge.export.graphs import graph_spec
     from kimia_edge.export.graphs.base import export_graph
 
     spec = graph_spec(name)
-    tmp = dst.with_name(f".{dst.name}.partial.onnx")
-    result = export_graph(spec, spec.build(snapshot), tmp)
-    for f in reversed(result.files):  # the data file first, then the graph that names it
-        f.rename(dst if f == tmp else external_data_file(dst))
+    with _staged(dst) as tmp:
+        export_graph(spec, spec.build(snapshot), tmp)
     return dst
+
+
+@contextlib.contextmanager
+def _staged(dst: Path):
+    """Yields a path with ``dst``'s file name in a staging folder beside it; on success moves the external-data file
+    (its name is recorded inside the graph, so it keeps it) and then the graph into place. An interrupted write
+    leaves no ``dst``, so a re-run makes it again."""
+    import shutil
+
+    from kimia_edge.export.fileio import external_data_file
+
+    stage = dst.parent / f".staging-{dst.name}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage / dst.name
+        if external_data_file(stage / dst.name).exists():
+            os.replace(external_data_file(stage / dst.name), external_data_file(dst))
+        os.replace(stage / dst.name, dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _tile(features: np.ndarray, width: int) -> np.ndarray:
@@ -205,17 +227,13 @@ def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence
         if onnx_precision(v.name).needs_calibration:
             calibration = [f for c in clips for f in _load_pickle(paths.reference(c, v.component))["feeds"]]
         dst = paths.graph(v.component, v.name)
-        tmp = dst.with_name(f".{dst.name}.partial.onnx")
         try:
-            make_variant(v.name, paths.graph(v.component, "fp32"), tmp, calibration, spec.int8_dynamic_signed_weights)
+            with _staged(dst) as tmp:
+                make_variant(v.name, paths.graph(v.component, "fp32"), tmp, calibration,
+                             spec.int8_dynamic_signed_weights)
         except Exception as e:  # noqa: BLE001 - a variant the tools cannot make is reported, not fatal
             mark_unavailable(paths, v, clips, f"{type(e).__name__}: {e}")
             continue
-        from kimia_edge.export.fileio import external_data_file
-
-        if external_data_file(tmp).exists():
-            external_data_file(tmp).rename(external_data_file(dst))
-        tmp.rename(dst)
         log.info("variant %s made", v.label)
 
 
