@@ -68,7 +68,7 @@ def _summary(values: List[float]) -> Dict[str, float]:
 
 def build_report(out: Path) -> Dict[str, Any]:
     """report.json's content from study.json and the stored cells."""
-    from kimia_edge.quantization.study.run import StudyPaths, load_cells
+    from kimia_edge.quantization.study.run import StudyPaths, load_cells, reference_notes
     from kimia_edge.runtime.metrics import machine_label
 
     paths = StudyPaths(out)
@@ -130,7 +130,8 @@ def build_report(out: Path) -> Dict[str, Any]:
             "clips": config["clips"], "llm_steps": config["llm_steps"], "machine": machine_label(),
             "date": datetime.date.today().isoformat(), "cells": len(cells),
             "notes": ["int8_qdq is calibrated on the study's own clips (in-sample).",
-                      "Every cell runs on one thread; 'seconds' of pooled cells share the cores with other cells."],
+                      "Every cell runs on one thread; 'seconds' of pooled cells share the cores with other cells.",
+                      *(f"LLM reference: {n}." for n in reference_notes(out))],
         },
         "headline_metrics": {k: v[1] for k, v in HEADLINE.items()},
         "components": {c: rows[c] for c in _COMPONENT_ORDER if c in rows},

@@ -302,6 +302,7 @@ def prepare_llm(paths: StudyPaths, snapshot: Path, variants: Sequence[StudyVaria
             logits = teacher_forced_logits(be, stream)
         _dump_pickle(target, {"stream": stream, "tokens": tokens, "offset": offset, "note": note, "n_ctx": n_ctx,
                               "logits": logits})
+        write_json(target.with_name("llm_note.json"), {"note": note})
         log.info("reference %s / llm: %d prompt positions, %d steps", clip, len(prompt), len(stream.fed))
 
 
@@ -469,6 +470,17 @@ def _study_config(snapshot: Path, clips: Dict[str, Path], variants: Sequence[Stu
     return {"version": STUDY_VERSION, "source": source_info(snapshot), "generated_snapshot": is_generated(snapshot),
             "clips": {c: str(p) for c, p in clips.items()}, "variants": [asdict(v) for v in variants],
             "llm_steps": steps, "bundle": str(bundle) if bundle else None}
+
+
+def reference_notes(out: Path) -> List[str]:
+    """What the references had to adapt (e.g. Whisper features tiled to the LLM adaptor's width), one per kind."""
+    notes = set()
+    for pkl in sorted(StudyPaths(out).ref.glob(f"*/{LLM}.pkl")):
+        side = pkl.with_name("llm_note.json")
+        note = json.loads(side.read_text())["note"] if side.exists() else _load_pickle(pkl).get("note")
+        if note:
+            notes.add(note)
+    return sorted(notes)
 
 
 def load_cells(out: Path) -> List[Dict[str, Any]]:
