@@ -4,10 +4,15 @@ Order of operations, per step:
 1. repetition penalty, only if ``repetition_penalty > 1`` and ``len(recent) > repetition_window`` (strictly greater):
    the last ``window`` recent ids get ``s * p`` if ``s < 0`` else ``s / p`` (each distinct id once; ``recent``
    includes forced blanks). NB: window 0 selects ``recent[-0:]`` = all of ``recent``, as the official slicing does.
-2. ``logprobs = log_softmax(float32 logits)``.
+   The penalty is applied in the logits' own dtype, as torch does on the official tensors: float32 and float64
+   logits are scaled in their dtype; narrower floats (float16, bfloat16) are computed in float32 and rounded back
+   to their dtype (torch's CPU "opmath" for them), so a float16 logit penalised here equals torch's bit for bit.
+2. ``logprobs = log_softmax(float32 logits)`` (``dtype=torch.float``: the penalised logits are cast afterwards).
 3. ``temperature > 1e-6``: ``logprobs / T``; top-k (``k > 0``): the k most probable ids, sampled with
    probabilities ``exp(logprobs/T)`` renormalised over the k (torch.multinomial renormalises); ``k == 0``: sample the
-   full distribution. Otherwise greedy ``argmax`` (first maximum).
+   full distribution. Otherwise greedy ``argmax`` (first maximum). The k ids, ties at the k-th place included,
+   and their order are those of ``torch.topk`` on the CPU (``runtime/topk.py``): which of several equal
+   probabilities is kept is not "lowest id first".
 
 Random draws come from a caller-owned ``numpy.random.Generator`` (one uniform per sampled token), so runs are
 reproducible by seed. They cannot reproduce torch's multinomial stream.
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from .topk import torch_cpu_topk
 
 __all__ = ["SamplerParams", "sample_token", "GREEDY_TEMPERATURE", "log_softmax"]
 
@@ -60,7 +67,11 @@ def _apply_repetition_penalty(logits: np.ndarray, recent: Optional[np.ndarray], 
     window = np.asarray(recent, dtype=np.int64)[-params.repetition_window:]
     out = logits.copy()
     scores = logits[window]
-    out[window] = np.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+    # torch: a float tensor times a Python float stays in the tensor's dtype; float16/bfloat16 compute in float32
+    compute = np.float32 if logits.dtype.itemsize < 4 else logits.dtype.type
+    s = scores.astype(compute)
+    p = compute(params.repetition_penalty)
+    out[window] = np.where(s < 0, s * p, s / p).astype(logits.dtype)
     return out
 
 
@@ -83,7 +94,9 @@ def sample_token(logits: np.ndarray, params: SamplerParams, rng: np.random.Gener
     logits = np.asarray(logits)
     if logits.ndim != 1:
         raise ValueError(f"logits: expected [V], got shape {logits.shape}")
-    logits = _apply_repetition_penalty(logits.astype(np.float32), recent, params)
+    if not np.issubdtype(logits.dtype, np.floating) and logits.dtype.kind != "V":  # "V": e.g. ml_dtypes' bfloat16
+        logits = logits.astype(np.float32)
+    logits = _apply_repetition_penalty(logits, recent, params)
     logprobs = log_softmax(logits)
     if params.temperature > GREEDY_TEMPERATURE:
         logprobs = logprobs / np.float32(params.temperature)
@@ -91,8 +104,7 @@ def sample_token(logits: np.ndarray, params: SamplerParams, rng: np.random.Gener
         if params.top_k > 0:
             if params.top_k > probs.shape[0]:
                 raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {probs.shape[0]}")
-            # descending probability, ties by lower id (stable sort of the negated values)
-            top = np.argsort(-probs, kind="stable")[: params.top_k]
+            top = torch_cpu_topk(probs, params.top_k)  # ties at the k-th place as torch.topk keeps them
             return int(top[_draw(probs[top], rng)])
         return _draw(probs, rng)
     return int(np.argmax(logprobs))
