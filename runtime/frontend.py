@@ -4,6 +4,17 @@ Everything here reproduces the official Kimi-Audio / GLM-4-Voice input path:
 
 - ``load_audio`` + ``to_16k_mono``: file -> float32 mono at 16 kHz (the official code uses ``librosa.load(sr=16000)``,
   i.e. a channel mean and a soxr resampler; here the channel mean and ``scipy.signal.resample_poly``).
+
+Rules for audio handed over as arrays (``to_mono``, ``to_16k_mono``, ``check_audible``, hence every turn):
+
+- **Sample type**: floating point, full scale = 1.0. Integer PCM is refused, never guessed at: convert it with
+  ``pcm_to_float32`` (int16 / 32768, int32 / 2**31, uint8 (x - 128) / 128: the scaling soundfile and librosa use),
+  because a raw int16 clip cast to float would be 32768 times too loud.
+- **Channel axis**: ``[S]`` mono or ``[S, C]`` frames x channels (the soundfile / sounddevice layout), channels on
+  the last axis, 1..MAX_CHANNELS of them. A ``[C, S]`` channels-first array has more "channels" than that and is
+  refused with a hint to transpose it, instead of being averaged across time.
+- **Files**: ``load_audio`` reads any format libsndfile reads; a file whose header declares more audio than it
+  holds (a truncated WAV / AIFF) is read up to where it ends, with a warning naming both lengths.
 - ``log_mel``: the Whisper log-mel spectrogram (kimia_infer/models/tokenizer/whisper_Lv3/whisper.py
   ``log_mel_spectrogram``; identical math in HF ``WhisperFeatureExtractor`` used by GLM-4-Voice).
 - ``mel_filter_bank``: librosa's Slaney mel filter bank, so nothing depends on ``mel_filters.npz`` at run time.
@@ -13,12 +24,16 @@ Everything here reproduces the official Kimi-Audio / GLM-4-Voice input path:
 """
 from __future__ import annotations
 
+import logging
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SAMPLE_RATE_HZ",
@@ -35,6 +50,8 @@ __all__ = [
     "AudioFileError",
     "load_audio",
     "read_audio",
+    "pcm_to_float32",
+    "to_mono",
     "to_16k_mono",
     "mel_filter_bank",
     "log_mel",
@@ -97,9 +114,31 @@ def read_audio(source: Union[str, BinaryIO], what: str) -> Tuple[np.ndarray, int
         raise AudioFileError(f"{what}: audio file holds no samples")
     try:
         check_sample_rate(int(sr))
+        mono = to_mono(data)
     except ValueError as e:
         raise AudioFileError(f"{what}: {e}") from None
-    return to_mono(data), int(sr)
+    if isinstance(source, str):  # an upload in memory has no header log to read again
+        _warn_if_truncated(Path(source), sf, data.shape[0], int(sr))
+    return mono, int(sr)
+
+
+# libsndfile's header log: "data : 32000 (should be 15978)" when a WAV's data chunk (AIFF: SSND) declares more bytes
+# than the file holds. 0xFFFFFFFF is what streaming writers put there when they do not know the length.
+_DECLARED_VS_HELD = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_UNKNOWN_LENGTH = 0xFFFFFFFF
+
+
+def _warn_if_truncated(path: Path, sf, frames: int, sample_rate_hz: int) -> None:
+    try:
+        header_log = sf.info(str(path)).extra_info
+    except Exception:  # the samples were read; a header log we cannot get is no reason to fail
+        return
+    for m in _DECLARED_VS_HELD.finditer(header_log):
+        declared, held = int(m.group(2)), int(m.group(3))
+        if held < declared != _UNKNOWN_LENGTH:
+            log.warning("%s: truncated: its header declares %d bytes of audio but the file holds %d; read the %.2f s "
+                        "that are there", path, declared, held, frames / sample_rate_hz)
+            return
 
 
 # Input rates accepted: telephone-band speech up to studio rates. Outside this, a header is more likely wrong
@@ -121,8 +160,12 @@ SILENCE_PEAK_DBFS = -70.0  # below this peak level a clip holds no speech to ans
 
 
 def check_audible(samples: np.ndarray, what: str = "input") -> None:
-    """Raises AudioFileError if ``samples`` is empty, holds NaN/inf, or is silent (peak < SILENCE_PEAK_DBFS)."""
-    x = np.asarray(samples)
+    """Raises AudioFileError if ``samples`` breaks the array rules of this module's docstring, is empty, holds
+    NaN/inf, or is silent (peak < SILENCE_PEAK_DBFS)."""
+    try:
+        x = check_layout(samples)
+    except ValueError as e:
+        raise AudioFileError(f"{what}: {e}") from None
     if x.size == 0:
         raise AudioFileError(f"{what}: no samples")
     if not np.isfinite(x).all():
@@ -133,13 +176,44 @@ def check_audible(samples: np.ndarray, what: str = "input") -> None:
         raise AudioFileError(f"{what}: silent (peak {peak_db:.1f} dBFS < {SILENCE_PEAK_DBFS:.0f} dBFS): nothing to answer")
 
 
-def to_mono(samples: np.ndarray) -> np.ndarray:
-    """[S] or [S, C] (frames x channels, the soundfile/sounddevice layout) -> [S] float32 channel mean."""
+MAX_CHANNELS = 64  # more than any microphone array or surround file this runtime will meet; [C, S] arrays exceed it
+
+
+def pcm_to_float32(samples: np.ndarray) -> np.ndarray:
+    """Integer PCM -> float32 with full scale 1.0: int16 / 32768, int32 / 2**31, uint8 (x - 128) / 128 (floats pass
+    unchanged). ValueError for other types."""
     x = np.asarray(samples)
+    if x.dtype.kind == "f":
+        return x.astype(np.float32, copy=False)
+    scale = {np.dtype(np.int16): (0, 32768.0), np.dtype(np.int32): (0, 2.0 ** 31), np.dtype(np.uint8): (128, 128.0)}
+    if x.dtype not in scale:
+        raise ValueError(f"samples of type {x.dtype}: expected float, int16, int32 or uint8 PCM")
+    offset, full = scale[x.dtype]
+    return ((x.astype(np.float64) - offset) / full).astype(np.float32)
+
+
+def check_layout(samples: np.ndarray) -> np.ndarray:
+    """``samples`` as an array if it follows the rules of this module's docstring (floating point; [S] or [S, C]
+    with 1..MAX_CHANNELS channels last); ValueError with the rule otherwise."""
+    x = np.asarray(samples)
+    if x.dtype.kind != "f":
+        hint = " (integer PCM: convert it with frontend.pcm_to_float32)" if x.dtype.kind in "iub" else ""
+        raise ValueError(f"samples of type {x.dtype}: expected floating point audio with full scale 1.0{hint}")
+    if x.ndim not in (1, 2):
+        raise ValueError(f"samples: expected shape [S] or [S, C], got {x.shape}")
+    if x.ndim == 2 and not 1 <= x.shape[1] <= MAX_CHANNELS:
+        raise ValueError(f"samples of shape {x.shape}: expected [S, C] (frames x channels) with 1..{MAX_CHANNELS} "
+                         "channels on the last axis" + ("; channels-first audio: pass samples.T" if x.shape[0] <=
+                                                       MAX_CHANNELS < x.shape[1] else ""))
+    return x
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """[S] or [S, C] (frames x channels, the soundfile/sounddevice layout) -> [S] float32 channel mean. ValueError
+    for arrays outside the rules of this module's docstring (integer PCM, channels first)."""
+    x = check_layout(samples)
     if x.ndim == 1:
         return x.astype(np.float32, copy=False)
-    if x.ndim != 2:
-        raise ValueError(f"samples: expected shape [S] or [S, C], got {x.shape}")
     return x.mean(axis=1, dtype=np.float64).astype(np.float32)
 
 
