@@ -1,6 +1,7 @@
 """Writing bundles atomically: everything goes into a temporary folder beside the target, the manifest is
 written last, and the folder is renamed into place only when complete. An interrupted export leaves no
-half bundle (at most a ``.<name>.partial-*`` folder, removed on the way out). Overwriting replaces only an earlier
+half bundle (at most a ``.<name>.partial-*`` folder, removed on the way out, or by the next export to the same
+place if the process was killed). Overwriting replaces only an earlier
 bundle or an empty folder, never a folder that holds anything else."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 from kimia_edge import __version__
-from kimia_edge.export.fileio import staging_dir
+from kimia_edge.export.fileio import finish_staging, staging_dir
 from kimia_edge.runtime.spec.manifest import (FORMAT, MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest,
                                               ModelConfig, ShapeProfile)
 
@@ -101,6 +102,7 @@ class BundleWriter:
             manifest = Manifest(model=self.model, source=self.source, artifacts=tuple(self._artifacts),
                                 created_by=f"kimia-edge {__version__}")
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
+            finish_staging(tmp)
             if self.out.exists():
                 check_replaceable(self.out)  # again: it may have changed during a long export
                 old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))

@@ -10,7 +10,7 @@ kept and their order come from the C++ standard library algorithm torch runs on 
 - otherwise ``std::nth_element`` at ``k - 1`` then ``std::sort`` of the first ``k - 1``, same comparator.
 
 Both are ported here from GCC's libstdc++ (stl_heap.h, stl_algo.h), the library torch's Linux wheels use.
-Measured equal to torch 2.13 on random vectors with many ties (tests/test_generation.py). The partial-sort path
+Measured equal to torch 2.13 on random vectors with many ties (tests/test_sampler_torch.py). The partial-sort path
 simulates only the heap insertions (those are the elements greater than the heap's least), so it costs about
 one pass over V in numpy plus a few dozen Python steps.
 """

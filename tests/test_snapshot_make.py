@@ -127,10 +127,12 @@ def test_cli_size_choices_come_from_the_presets_without_torch() -> None:
     assert done.stdout.split() == ["small", *SIZES]
 
 
-def test_sigterm_during_make_leaves_no_partial_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_signal_during_make_leaves_no_partial_folder(tmp_path: Path, signame: str) -> None:
     import signal
     import time
 
+    signum = getattr(signal, signame)
     proc = subprocess.Popen([sys.executable, "-m", "kimia_edge.cli", "snapshot", "make", "--size", "small",
                              "--out", str(tmp_path / "snap")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -138,6 +140,6 @@ def test_sigterm_during_make_leaves_no_partial_folder(tmp_path: Path) -> None:
         time.sleep(0.05)
     assert any(tmp_path.glob(".snap.partial-*")), "the writer never started"
     time.sleep(1.0)  # well inside the ~10 s the small snapshot takes
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum
     assert list(tmp_path.iterdir()) == []  # neither a snapshot nor a staging folder

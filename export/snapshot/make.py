@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 from tqdm import tqdm
 
-from kimia_edge.export.fileio import staging_dir
+from kimia_edge.export.fileio import finish_staging, staging_dir
 from kimia_edge.export.snapshot.presets import check_size
 
 
@@ -66,6 +66,7 @@ def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable
             writers[name](tmp, size, seed + COMPONENTS.index(name))
         (tmp / GENERATED_MARKER).write_text(json.dumps({"size": size, "seed": seed, "components": list(chosen),
                                                         "weights": "random"}) + "\n")
+        finish_staging(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

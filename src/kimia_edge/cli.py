@@ -47,14 +47,17 @@ def quiet_torch_logs(verbose: int) -> None:
         os.environ["TORCH_LOGS"] = "-all"  # "-" = ERROR; an empty TORCH_LOGS would break torch's import
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM ends the command like Ctrl-C does: cleanup code runs (an export's staging folder is removed)."""
+def _exit_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM and SIGHUP (a closed terminal) end the command like Ctrl-C does: cleanup code runs (an export's
+    staging folder is removed)."""
     raise SystemExit(128 + signum)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        if hasattr(signal, "SIGHUP"):  # not on Windows
+            signal.signal(signal.SIGHUP, _exit_on_signal)
     parser = build_parser()
     args = parser.parse_args(argv)
     # -v: our own logs at INFO (third-party libraries stay at WARNING: onnx_ir alone logs ~2 900 lines per graph
