@@ -19,11 +19,44 @@ from .fileio import atomic_write
 from .spec.manifest import MANIFEST_NAME, Artifact, BundleError, Manifest, sha256_file
 
 __all__ = ["read_manifest", "verify_bundle", "load_bundle", "ensure_usable", "check_artifacts", "stamp_path",
-           "default_cache_dir"]
+           "default_cache_dir", "ArtifactOpenError", "unopenable"]
 
 log = logging.getLogger(__name__)
 
 _MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few kB; anything this large is not one
+
+
+class ArtifactOpenError(BundleError):
+    """A file of a bundle that is as the manifest lists it (size and sha256) but cannot be opened: written corrupt
+    and hashed afterwards, or made by an incompatible exporter. The message names the file."""
+
+
+def unopenable(path: Path, opener: str, exc: BaseException) -> ArtifactOpenError:
+    """The one-line error for ``path`` that ``opener`` (e.g. "ONNX Runtime") refused with ``exc``."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(reason) > 300:
+        reason = reason[:300] + "…"
+    return ArtifactOpenError(f"{path}: {opener} cannot open it ({type(exc).__name__}: {reason}); the file matches "
+                             "the manifest, so the bundle was written corrupt: export it again")
+
+
+def _npy_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a loadable .npy array (header and length), or None. Reads the header only."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                return "holds Python objects (pickles are never loaded)"
+            expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            held = path.stat().st_size - f.tell()
+    except (ValueError, OSError, SyntaxError, TypeError, OverflowError) as e:
+        return f"not a .npy array ({type(e).__name__}: {e})"
+    return None if held == expected else f"holds {held} bytes of data, its .npy header needs {expected}"
 
 
 def default_cache_dir() -> Path:
@@ -119,6 +152,10 @@ def check_artifacts(root: Path, artifacts: Iterable[Artifact], *, full: bool = F
                 continue
             if sha256_file(p) != f.sha256:
                 problems.append(f"{where}: sha256 differs from the manifest (altered or corrupt)")
+                stamp.pop(f.path, None)
+            elif a.format == "npy" and _npy_problem(p):  # the pipeline np.loads it: check what np.load reads
+                problems.append(f"{where}: {_npy_problem(p)}; the file matches the manifest, so the bundle was "
+                                "written corrupt: export it again")
                 stamp.pop(f.path, None)
             else:
                 stamp[f.path] = [st.st_size, st.st_mtime_ns, f.sha256]

@@ -43,6 +43,7 @@ import numpy as np
 import gguf
 import llama_cpp as llama
 
+from .bundle import ArtifactOpenError, unopenable
 from .llm_backend import StepLogits
 from .spec.gguf import ADAPTOR_TENSORS, CONTEXT_LENGTH_KEY, KIMIA_KEYS
 
@@ -59,12 +60,36 @@ class LlamaCppError(RuntimeError):
     """llama.cpp refused a model, a context or a decode call."""
 
 
+class LlamaLoadError(LlamaCppError, ArtifactOpenError):
+    """llama.cpp refused a GGUF file (a one-line error naming the file, like any unopenable artifact)."""
+
+
 # ------------------------------------------------------------------------------------------------ metadata
+def open_gguf(path: Path) -> gguf.GGUFReader:
+    """``gguf.GGUFReader`` of ``path``; ArtifactOpenError naming the file if it is not a readable GGUF."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises ValueError, KeyError, IndexError, numpy errors... on bad bytes
+        raise unopenable(Path(path), "the GGUF reader", exc) from exc
+
+
 def _field(reader: gguf.GGUFReader, key: str, source: str):
     f = reader.fields.get(key)
     if f is None:
-        raise ValueError(f"{source}: missing GGUF metadata key {key!r} (export with export/gguf_export.py)")
-    return f.contents()
+        raise ArtifactOpenError(f"{source}: missing GGUF metadata key {key!r} (export with export/gguf_export.py)")
+    try:
+        return f.contents()
+    except Exception as exc:  # a field whose type and data disagree
+        raise ArtifactOpenError(f"{source}: GGUF metadata key {key!r} cannot be read ({type(exc).__name__})") from exc
+
+
+def _number(reader: gguf.GGUFReader, key: str, source: str, kind: type):
+    value = _field(reader, key, source)
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ArtifactOpenError(f"{source}: GGUF metadata key {key!r} holds {type(value).__name__}, expected a "
+                                f"{kind.__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -85,29 +110,29 @@ class GGUFModelInfo:
 
     def validate(self) -> None:
         if not 0 <= self.fork_layer < self.main_layers - 1:
-            raise ValueError(f"fork_layer={self.fork_layer}: expected in [0, main_layers-1={self.main_layers - 1})")
+            raise ArtifactOpenError(f"fork_layer={self.fork_layer}: expected in [0, main_layers-1={self.main_layers - 1})")
         for name in ("hidden_size", "vocab_size", "main_layers", "context_length"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: expected > 0")
+                raise ArtifactOpenError(f"{name}={getattr(self, name)}: expected > 0")
 
 
 def read_model_info(reader: gguf.GGUFReader, source: str) -> GGUFModelInfo:
     """Reads :class:`GGUFModelInfo` from a trunk GGUF (role must be "trunk")."""
     role = _field(reader, KIMIA_KEYS["role"], source)
     if role != "trunk":
-        raise ValueError(f"{source}: expected a trunk GGUF (kimia.role='trunk'), got {role!r}")
+        raise ArtifactOpenError(f"{source}: expected a trunk GGUF (kimia.role='trunk'), got {role!r}")
     info = GGUFModelInfo(
-        hidden_size=int(_field(reader, KIMIA_KEYS["hidden_size"], source)),
-        vocab_size=int(_field(reader, KIMIA_KEYS["vocab_size"], source)),
-        fork_layer=int(_field(reader, KIMIA_KEYS["fork"], source)),
-        main_layers=int(_field(reader, KIMIA_KEYS["main_layers"], source)),
-        mimo_layers=int(_field(reader, KIMIA_KEYS["mimo_layers"], source)),
-        token_offset=int(_field(reader, KIMIA_KEYS["token_offset"], source)),
-        adaptor_input_dim=int(_field(reader, KIMIA_KEYS["adaptor_input_dim"], source)),
-        adaptor_eps=float(_field(reader, KIMIA_KEYS["adaptor_eps"], source)),
-        feature_scale=float(_field(reader, KIMIA_KEYS["feature_scale"], source)),
+        hidden_size=_number(reader, KIMIA_KEYS["hidden_size"], source, int),
+        vocab_size=_number(reader, KIMIA_KEYS["vocab_size"], source, int),
+        fork_layer=_number(reader, KIMIA_KEYS["fork"], source, int),
+        main_layers=_number(reader, KIMIA_KEYS["main_layers"], source, int),
+        mimo_layers=_number(reader, KIMIA_KEYS["mimo_layers"], source, int),
+        token_offset=_number(reader, KIMIA_KEYS["token_offset"], source, int),
+        adaptor_input_dim=_number(reader, KIMIA_KEYS["adaptor_input_dim"], source, int),
+        adaptor_eps=_number(reader, KIMIA_KEYS["adaptor_eps"], source, float),
+        feature_scale=_number(reader, KIMIA_KEYS["feature_scale"], source, float),
         use_whisper_feature=bool(_field(reader, KIMIA_KEYS["use_whisper_feature"], source)),
-        context_length=int(_field(reader, CONTEXT_LENGTH_KEY, source)),
+        context_length=_number(reader, CONTEXT_LENGTH_KEY, source, int),
     )
     info.validate()
     return info
@@ -117,7 +142,7 @@ def _tensor(reader: gguf.GGUFReader, name: str, source: str):
     for t in reader.tensors:
         if t.name == name:
             return t
-    raise ValueError(f"{source}: tensor {name!r} not found")
+    raise ArtifactOpenError(f"{source}: tensor {name!r} not found")
 
 
 def _as_f32(t) -> np.ndarray:
@@ -152,11 +177,11 @@ class FeatureAdaptor:
     Weights from ``llm_adaptor.gguf``; input [n, D] float32 -> [n, H] float32."""
 
     def __init__(self, path: Path, eps: float) -> None:
-        reader = gguf.GGUFReader(str(path))
+        reader = open_gguf(path)
         src = str(path)
         role = _field(reader, KIMIA_KEYS["role"], src)
         if role != "adaptor":
-            raise ValueError(f"{src}: expected an adaptor GGUF (kimia.role='adaptor'), got {role!r}")
+            raise ArtifactOpenError(f"{src}: expected an adaptor GGUF (kimia.role='adaptor'), got {role!r}")
         self.w1, self.b1, self.w2, self.b2, self.gamma, self.beta = (
             _as_f32(_tensor(reader, name, src)) for name in ADAPTOR_TENSORS)
         self.eps = np.float32(eps)
@@ -264,7 +289,8 @@ class LlamaModel:
         mp.n_gpu_layers = n_gpu_layers
         self._model = llama.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._model:
-            raise LlamaCppError(f"{self.path}: llama.cpp could not load the model (set KIMIA_LLAMA_VERBOSE=1)")
+            raise LlamaLoadError(f"{self.path}: llama.cpp cannot load the model (KIMIA_LLAMA_VERBOSE=1 shows why); "
+                                    "if it matches the manifest, the bundle was written corrupt: export it again")
         self.n_embd = int(llama.llama_model_n_embd(self._model))
         self.n_vocab = int(llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(self._model)))
         cp = llama.llama_context_default_params()
@@ -350,7 +376,7 @@ class LlamaCppBackend:
                  exact: bool = False, text_only: bool = False, feature_scale: Optional[float] = None) -> None:
         ggml = _init_backend()
         trunk_path = Path(trunk_path)
-        reader = gguf.GGUFReader(str(trunk_path))
+        reader = open_gguf(trunk_path)
         self.info = read_model_info(reader, str(trunk_path))
         if n_ctx > self.info.context_length:
             raise ValueError(f"n_ctx={n_ctx}: expected <= the model's context length {self.info.context_length}")

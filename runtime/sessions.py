@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from kimia_edge.runtime import engines
-from kimia_edge.runtime.bundle import default_cache_dir
+from kimia_edge.runtime.bundle import default_cache_dir, unopenable
 from kimia_edge.runtime.spec.manifest import Artifact, ShapeProfile
 from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, onnx_precision
 
@@ -194,7 +194,13 @@ def open_session(
         except OSError as exc:  # ORT then builds without a cache: slower starts, same results
             log.warning("%s: TensorRT EP cache folder not writable (%s)", artifact.name, exc)
     providers = [(p, ort_provider_options(p, artifact, cache_root)) for p in plan]
-    impl = ort.InferenceSession(str(bundle_root / artifact.path), sess_options=so, providers=providers)
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NoSuchFile
+
+    try:
+        impl = ort.InferenceSession(str(bundle_root / artifact.path), sess_options=so, providers=providers)
+    except (InvalidProtobuf, InvalidGraph, NoSuchFile, Fail) as exc:  # the file, not the machine
+        raise unopenable(bundle_root / artifact.path, f"ONNX Runtime ({artifact.name}/{artifact.precision})",
+                         exc) from exc
     got = impl.get_providers()[0]  # what ORT really uses; get_available_providers() lies on CPU-only machines
     if got != plan[0]:
         msg = f"{artifact.name}: asked for {plan[0]}, ONNX Runtime gave {got} (is a GPU visible and is CUDA/TensorRT installed?)"

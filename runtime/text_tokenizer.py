@@ -88,8 +88,17 @@ class TextTokenizer:
 
     @classmethod
     def from_snapshot(cls, folder: Path) -> "TextTokenizer":
-        """Loads ``tiktoken.model`` + ``tokenizer_config.json`` (specials, optional ``pat_str``) from ``folder``."""
-        folder = Path(folder)
+        """Loads ``tiktoken.model`` + ``tokenizer_config.json`` (specials, optional ``pat_str``) from ``folder``.
+        ArtifactOpenError (a BundleError) naming the folder and the reason if the files cannot make a tokenizer."""
+        from .bundle import unopenable
+
+        try:
+            return cls._from_snapshot(Path(folder))
+        except (ValueError, OSError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise unopenable(Path(folder), "the text tokenizer", e) from e
+
+    @classmethod
+    def _from_snapshot(cls, folder: Path) -> "TextTokenizer":
         ranks = read_tiktoken_ranks(folder / TIKTOKEN_FILE)
         specials = read_added_tokens(folder)
         pat_str = QWEN2_PAT_STR
