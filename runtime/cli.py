@@ -227,22 +227,30 @@ def _transcribe(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from kimia_edge.runtime.frontend import AudioFileError, load_audio
-    from kimia_edge.runtime.generation import ContextFullError
+    from kimia_edge.runtime.frontend import SAMPLE_RATE_HZ, check_audible, load_audio, to_16k_mono
+    from kimia_edge.runtime.long_audio import plan_pieces, transcribe_pieces
     from kimia_edge.runtime.tasks import generation_config
 
     pipe = _pipeline(args, text_only=True)
     failed = 0
     for path in tqdm(args.inputs, desc="transcribe", unit="file", disable=len(args.inputs) < 2):
-        try:
+        try:  # one bad, silent or too long file does not lose the others: each error is a line, the exit code 1
             samples, rate = load_audio(path)
-            result = pipe.run(samples, rate, "asr", config=generation_config("asr", args.seed, step_limit=args.max_steps))
-        except (AudioFileError, ContextFullError) as e:  # one bad or too long file does not lose the others
+            check_audible(samples, str(path))
+            clip = to_16k_mono(samples, rate)
+            pieces = plan_pieces(pipe, clip, args.max_steps)  # a recording longer than the context: several
+            with tqdm(total=len(pieces), desc=path.name, unit="piece", leave=False, disable=len(pieces) < 2) as bar:
+                text = transcribe_pieces(pipe, clip, pieces, lambda: generation_config(
+                    "asr", args.seed, step_limit=args.max_steps), on_piece=bar.update)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - reported per file, with its type unless it is one of ours
             failed += 1
-            tqdm.write(f"error: {e}" if isinstance(e, AudioFileError) else f"error: {path}: {e}", file=sys.stderr)
+            what = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+            tqdm.write(f"error: {what}" if str(path) in what else f"error: {path}: {what}", file=sys.stderr)
             continue
-        line = json.dumps({"file": str(path), "text": result.text}, ensure_ascii=False) if args.json else f"{path}: {result.text}"
-        tqdm.write(line)
+        line = {"file": str(path), "text": text, "seconds": round(len(clip) / SAMPLE_RATE_HZ, 2), "pieces": len(pieces)}
+        tqdm.write(json.dumps(line, ensure_ascii=False) if args.json else f"{path}: {text}")
     return 1 if failed else 0
 
 
