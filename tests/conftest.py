@@ -66,6 +66,15 @@ def torch_one_thread():
     torch.set_num_threads(previous)
 
 
+def portaudio_or_skip():
+    """The sounddevice module, or a skip saying PortAudio is missing (only live audio needs it: --mic, --speaker)."""
+    try:
+        import sounddevice
+    except OSError as e:
+        pytest.skip(f"PortAudio is not installed ({e}); Debian/Ubuntu: apt-get install libportaudio2")
+    return sounddevice
+
+
 def has_build_extra() -> bool:
     return importlib.util.find_spec("torch") is not None
 

@@ -87,12 +87,25 @@ def test_altered_or_incomplete_bundle_is_refused(bundle: Path, shared_audio: Pat
 
 def test_unopenable_speaker_is_refused(bundle: Path, shared_audio: Path, capsys: pytest.CaptureFixture,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import sounddevice as sd
+    from conftest import portaudio_or_skip
 
+    sd = portaudio_or_skip()
     if sd.query_devices():
         pytest.skip("this machine has a sound device: the no-device error cannot be provoked")
     assert main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--speaker"]) == 2
     assert "cannot open the speaker" in capsys.readouterr().err
+
+
+def test_a_missing_portaudio_is_one_line_with_the_fix(bundle: Path, shared_audio: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    try:
+        import sounddevice  # noqa: F401
+        pytest.skip("PortAudio is installed here: its absence cannot be provoked")
+    except OSError:
+        pass
+    assert main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--speaker"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot open the speaker") and "apt-get install libportaudio2" in err
 
 
 def test_help_selfcheck_and_verify_work(bundle: Path, capsys: pytest.CaptureFixture) -> None:
