@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+from .config_parse import malformed_is_value_error
+
 __all__ = [
     "FeatureExtractorConfig",
     "WhisperEncoderConfig",
@@ -86,8 +88,11 @@ _VQ_DEFAULTS = {
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"expected {path}, not found")
-    with path.open("r", encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        with path.open("r", encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON text ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -131,6 +136,7 @@ class FeatureExtractorConfig:
         return self.n_samples // self.hop_length
 
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, data: Mapping[str, Any]) -> "FeatureExtractorConfig":
         """From the parsed JSON; absent keys take the WhisperFeatureExtractor defaults, unknown keys are ignored.
         ``n_samples`` / ``nb_max_frames`` are derived (as the official class does) and checked if present."""
@@ -202,6 +208,7 @@ class WhisperEncoderConfig:
         return self.max_source_positions * CONV1_STRIDE * CONV2_STRIDE
 
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, data: Mapping[str, Any]) -> "WhisperEncoderConfig":
         """From the parsed HF ``config.json``; absent keys take the ``WhisperConfig`` defaults."""
         cfg = cls(
@@ -309,6 +316,7 @@ class VQEncoderConfig:
         return -(-self.max_source_positions // self.pool)
 
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, data: Mapping[str, Any],
                   preprocessor: Optional[Mapping[str, Any]] = None) -> "VQEncoderConfig":
         """From the parsed ``config.json`` (and ``preprocessor_config.json``); absent keys take the

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from .config_parse import malformed_is_value_error
+
 __all__ = [
     "DitConfig",
     "FFN_TYPES",
@@ -85,6 +87,7 @@ class DitConfig:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, data: Mapping[str, Any]) -> "DitConfig":
         """Builds and validates the config from the parsed ``config.yaml`` (the whole document: ``model.dit`` plus
         the top-level mel normalisation keys). Unknown keys (training settings) are ignored."""

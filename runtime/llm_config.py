@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .config_parse import malformed_is_value_error
+
 __all__ = ["KimiaConfig", "CONFIG_FILE", "DEFAULT_ROPE_THETA"]
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ class KimiaConfig:
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, raw: Mapping[str, Any], *, source: str = "config.json") -> "KimiaConfig":
         """Builds the config from a parsed config.json; unknown keys are ignored (HF adds many)."""
         missing = [k for k in _REQUIRED if k not in raw]
@@ -103,8 +106,12 @@ class KimiaConfig:
     def from_file(cls, path: Path) -> "KimiaConfig":
         """Reads config.json at ``path``."""
         path = Path(path)
-        with path.open("r", encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), source=str(path))
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                raw = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not valid JSON text ({e})") from e
+        return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_snapshot(cls, folder: Path) -> "KimiaConfig":

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .config_parse import malformed_is_value_error
+
 __all__ = ["VocoderConfig", "RESBLOCK_TYPES", "ACTIVATIONS"]
 
 # Residual block classes selectable by ``resblock`` (BigVGAN bigvgan.py: "1" -> AMPBlock1, "2" -> AMPBlock2).
@@ -69,6 +71,7 @@ class VocoderConfig:
 
     # ---- construction -------------------------------------------------------------------------------------------
     @classmethod
+    @malformed_is_value_error
     def from_dict(cls, data: Mapping[str, Any]) -> "VocoderConfig":
         """Builds and validates a config from the parsed official JSON; unknown (training) keys are ignored."""
         missing = [k for k in _REQUIRED if k not in data]
@@ -100,8 +103,11 @@ class VocoderConfig:
     def from_json(cls, path: Union[str, Path]) -> "VocoderConfig":
         """Reads the official ``vocoder/config.json``."""
         path = Path(path)
-        with path.open("r", encoding="utf-8") as f:
-            data = json.load(f)
+        try:
+            with path.open("r", encoding="utf-8") as f:
+                data = json.load(f)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path}: not valid JSON text ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
         try:

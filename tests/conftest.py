@@ -21,6 +21,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--slow", action="store_true", default=False, help="also run tests marked slow")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--slow"):  # long fuzz runs (tests/fuzzing.py reads it when the fuzz targets are collected)
+        os.environ.setdefault("KIMIA_EDGE_FUZZ_EXAMPLES", "1000")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     if config.getoption("--slow"):
         return

@@ -68,24 +68,35 @@ def dit_config_for_size(size: str) -> DitConfig:
 
 
 # ---- reader -------------------------------------------------------------------------------------------------------
+def read_detokenizer_config(snapshot_dir: Path) -> DitConfig:
+    """``<snapshot_dir>/audio_detokenizer/config.yaml`` as a DitConfig; ValueError naming the file if it is not
+    UTF-8 YAML holding a valid configuration (FileNotFoundError if it is missing)."""
+    config_path = Path(snapshot_dir) / DETOKENIZER_DIR / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"detokenizer snapshot: expected {config_path}, not found")
+    try:
+        with config_path.open("r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid YAML ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_path}: expected a YAML mapping, got {type(data).__name__}")
+    try:
+        return DitConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e
+
+
 def read_detokenizer(snapshot_dir: Path) -> Tuple[DitConfig, Dict[str, torch.Tensor]]:
     """Reads ``<snapshot_dir>/audio_detokenizer/config.yaml`` and the DiT weights of ``model.pt`` (memory-mapped,
     ``weights_only``). Returns (config, state dict with the ``speech_model.`` prefix stripped). Entries outside
     ``speech_model.*`` (optimizer state, other modules) are dropped here on purpose; a key that mentions
     ``speech_model`` elsewhere than as its prefix is an error (the official loader would feed it to the model)."""
     folder = Path(snapshot_dir) / DETOKENIZER_DIR
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"detokenizer snapshot: expected {path}, not found")
-    with config_path.open("r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{config_path}: expected a YAML mapping, got {type(data).__name__}")
-    try:
-        cfg = DitConfig.from_dict(data)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from e
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"detokenizer snapshot: expected {weights_path}, not found")
+    cfg = read_detokenizer_config(snapshot_dir)
 
     checkpoint = torch.load(weights_path, map_location="cpu", mmap=True, weights_only=True)
     if not isinstance(checkpoint, dict) or STATE_DICT_KEY not in checkpoint:
