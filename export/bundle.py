@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Type
 
 from kimia_edge import __version__
-from kimia_edge.export.fileio import finish_staging, staging_dir
+from kimia_edge.export.fileio import finish_staging, mark_staging, staging_dir
 from kimia_edge.runtime.spec.manifest import (FORMAT, MANIFEST_NAME, Artifact, BundleError, FileEntry, Manifest,
                                               ModelConfig, ShapeProfile)
 
@@ -102,16 +102,19 @@ class BundleWriter:
             manifest = Manifest(model=self.model, source=self.source, artifacts=tuple(self._artifacts),
                                 created_by=f"kimia-edge {__version__}")
             (tmp / MANIFEST_NAME).write_text(manifest.to_json())
-            finish_staging(tmp)
+            # a kill at any point below leaves what the next export to this place cleans up (fileio.py)
             if self.out.exists():
                 check_replaceable(self.out)  # again: it may have changed during a long export
                 old = tmp.with_name(tmp.name.replace(".partial-", ".replaced-"))
                 self.out.rename(old)
+                mark_staging(old)
                 tmp.rename(self.out)
+                self._tmp = None
                 shutil.rmtree(old)
             else:
                 tmp.rename(self.out)
-            self._tmp = None
+                self._tmp = None
+            finish_staging(self.out)
         finally:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)

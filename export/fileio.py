@@ -9,11 +9,11 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from kimia_edge.runtime.fileio import atomic_write
 
-__all__ = ["atomic_write", "staging_dir", "finish_staging", "remove_stale_staging", "STAGING_MARKER",
+__all__ = ["atomic_write", "staging_dir", "mark_staging", "finish_staging", "remove_stale_staging", "STAGING_MARKER",
            "external_data_file", "graph_files"]
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,8 @@ STAGING_MARKER = ".kimia-edge-staging.json"
 def staging_dir(out: Path) -> Path:
     """A new empty folder beside ``out`` (``.<name>.partial-*``) to build ``out`` in, with a folder's usual
     permissions (mkdtemp makes it 0700, which a published bundle or snapshot must not keep) and the marker that
-    lets a later run recognise it. Staging folders of ``out`` left by a killed run are removed first."""
+    lets a later run recognise it. What a killed run left beside ``out`` is cleaned up first
+    (``remove_stale_staging``)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
@@ -34,13 +35,18 @@ def staging_dir(out: Path) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
-    (tmp / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    mark_staging(tmp)
     return tmp
 
 
-def finish_staging(tmp: Path) -> None:
-    """Removes the marker from a complete staging folder, just before it is renamed into place."""
-    (Path(tmp) / STAGING_MARKER).unlink(missing_ok=True)
+def mark_staging(folder: Path) -> None:
+    """Writes the marker naming this host and process into ``folder`` (ours until we publish or delete it)."""
+    (Path(folder) / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+
+
+def finish_staging(published: Path) -> None:
+    """Removes the marker from a folder that is now in place (renamed to its destination): it is the user's now."""
+    (Path(published) / STAGING_MARKER).unlink(missing_ok=True)
 
 
 def _process_gone(pid: int) -> bool:
@@ -53,24 +59,40 @@ def _process_gone(pid: int) -> bool:
     return False
 
 
+def _dead_owner(folder: Path) -> Optional[int]:
+    """The pid in ``folder``'s marker if the marker is ours (this host) and that process is gone, else None."""
+    try:
+        owner = json.loads((folder / STAGING_MARKER).read_text(encoding="utf-8"))
+        if (folder.is_dir() and not folder.is_symlink() and owner["host"] == socket.gethostname()
+                and isinstance(owner["pid"], int) and _process_gone(owner["pid"])):
+            return owner["pid"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
 def remove_stale_staging(out: Path) -> List[Path]:
-    """Removes the ``.<name>.partial-*`` folders beside ``out`` that a killed run of ours left: each must hold
-    STAGING_MARKER naming this host and a process that is gone (a running export's folder, a folder of another
-    machine on a shared disk, or anything without our marker is kept). Returns what was removed."""
+    """Cleans up what a killed run of ours left beside ``out``: ``.<name>.partial-*`` staging folders are removed;
+    a ``.<name>.replaced-*`` folder (the earlier bundle, moved aside while a new one took its place) is removed if
+    ``out`` exists, else moved back to ``out`` (the kill fell between the two renames: the earlier bundle is
+    restored). Only folders holding STAGING_MARKER with this host and a process that is gone are touched (a running
+    export's, another machine's on a shared disk, or anything without our marker is kept). Returns what was
+    removed or restored."""
     out = Path(out).resolve()
-    removed = []
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        try:
-            owner = json.loads((p / STAGING_MARKER).read_text(encoding="utf-8"))
-            ours = (p.is_dir() and not p.is_symlink() and owner["host"] == socket.gethostname()
-                    and isinstance(owner["pid"], int) and _process_gone(owner["pid"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            ours = False
-        if ours:
+    handled = []
+    for p in sorted(out.parent.glob(f".{out.name}.replaced-*")) + sorted(out.parent.glob(f".{out.name}.partial-*")):
+        pid = _dead_owner(p)
+        if pid is None:
+            continue
+        if ".replaced-" in p.name and not out.exists():
+            p.rename(out)
+            finish_staging(out)
+            log.warning("restored %s from %s, moved aside by an interrupted run (pid %d)", out, p.name, pid)
+        else:
             shutil.rmtree(p, ignore_errors=True)
-            log.warning("removed %s, left by an interrupted run (pid %d)", p, owner["pid"])
-            removed.append(p)
-    return removed
+            log.warning("removed %s, left by an interrupted run (pid %d)", p, pid)
+        handled.append(p)
+    return handled
 
 
 def external_data_file(graph: Path) -> Path:

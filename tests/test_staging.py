@@ -52,3 +52,26 @@ def test_staging_folders_follow_the_umask(tmp_path: Path, umask: int) -> None:
         os.umask(previous)
     assert tmp.stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "deep").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+_KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from kimia_edge.export.fileio import mark_staging
+out = Path(sys.argv[1])
+old = out.with_name(f".{out.name}.replaced-abc")
+out.rename(old)          # the earlier bundle moved aside ...
+mark_staging(old)
+os.kill(os.getpid(), signal.SIGKILL)   # ... and the process killed before the new one took its place
+"""
+
+
+def test_a_bundle_moved_aside_by_a_killed_replacement_is_restored(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    assert subprocess.run([sys.executable, "-c", _KILLED_BETWEEN_RENAMES, str(out)]).returncode == -9
+    assert not out.exists()
+    tmp = staging_dir(out)  # the next export to this place
+    assert (out / "manifest.json").read_text() == "{}" and not (out / STAGING_MARKER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", tmp.name])

@@ -66,8 +66,8 @@ def make_snapshot(out: Path, size: str, seed: int, components: Optional[Iterable
             writers[name](tmp, size, seed + COMPONENTS.index(name))
         (tmp / GENERATED_MARKER).write_text(json.dumps({"size": size, "seed": seed, "components": list(chosen),
                                                         "weights": "random"}) + "\n")
-        finish_staging(tmp)
         tmp.rename(out)
+        finish_staging(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
