@@ -11,12 +11,11 @@ Defaults are the official class defaults (``WhisperConfig.__init__`` of transfor
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from .config_parse import malformed_is_value_error
+from .config_parse import malformed_is_value_error, read_json_object
 
 __all__ = [
     "FeatureExtractorConfig",
@@ -88,14 +87,7 @@ _VQ_DEFAULTS = {
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"expected {path}, not found")
-    try:
-        with path.open("r", encoding="utf-8") as f:
-            data = json.load(f)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON text ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
 
 
 def _get(data: Mapping[str, Any], defaults: Mapping[str, Any], key: str) -> Any:

@@ -5,9 +5,11 @@ KeyError, AttributeError or OverflowError from deep inside the conversion."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, TypeVar
 
-__all__ = ["malformed_is_value_error"]
+__all__ = ["malformed_is_value_error", "read_json_object"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,3 +25,18 @@ def malformed_is_value_error(fn: F) -> F:
             owner = fn.__qualname__.rsplit(".", 1)[0]
             raise ValueError(f"{owner}: malformed configuration ({type(e).__name__}: {e})") from e
     return read  # type: ignore[return-value]
+
+
+def read_json_object(path: Path) -> Dict[str, Any]:
+    """The JSON object in the file ``path``; ValueError naming the file if it is not UTF-8 JSON holding an object
+    (OSError, e.g. FileNotFoundError, passes through)."""
+    try:
+        with Path(path).open("r", encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON text ({e})") from e
+    except RecursionError as e:
+        raise ValueError(f"{path}: JSON nested too deeply") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

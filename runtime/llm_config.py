@@ -6,13 +6,12 @@ a Qwen2Config subclass) and apply only when config.json lacks a key — exactly 
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .config_parse import malformed_is_value_error
+from .config_parse import malformed_is_value_error, read_json_object
 
 __all__ = ["KimiaConfig", "CONFIG_FILE", "DEFAULT_ROPE_THETA"]
 
@@ -106,12 +105,7 @@ class KimiaConfig:
     def from_file(cls, path: Path) -> "KimiaConfig":
         """Reads config.json at ``path``."""
         path = Path(path)
-        try:
-            with path.open("r", encoding="utf-8") as f:
-                raw = json.load(f)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{path}: not valid JSON text ({e})") from e
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
 
     @classmethod
     def from_snapshot(cls, folder: Path) -> "KimiaConfig":

@@ -6,13 +6,12 @@ the official code has one (``h.get(..., default)`` in BigVGAN ``bigvgan.py``); e
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from .config_parse import malformed_is_value_error
+from .config_parse import malformed_is_value_error, read_json_object
 
 __all__ = ["VocoderConfig", "RESBLOCK_TYPES", "ACTIVATIONS"]
 
@@ -103,13 +102,7 @@ class VocoderConfig:
     def from_json(cls, path: Union[str, Path]) -> "VocoderConfig":
         """Reads the official ``vocoder/config.json``."""
         path = Path(path)
-        try:
-            with path.open("r", encoding="utf-8") as f:
-                data = json.load(f)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"{path}: not valid JSON text ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         try:
             return cls.from_dict(data)
         except ValueError as e:

@@ -40,13 +40,18 @@ def originals(tiny_snapshot: Path) -> Dict[str, bytes]:
     return {name: (tiny_snapshot / name).read_bytes() for name in READERS}
 
 
-def _check(name: str, data: bytes, originals: Dict[str, bytes]) -> None:
+def _snapshot_with(originals: Dict[str, bytes], name: str, data: bytes) -> Path:
+    """A temporary folder holding the snapshot's config files, ``name`` with ``data`` instead of its own."""
     snap = Path(tempfile.mkdtemp(prefix="kimia-fuzz-"))
+    for other, content in {**originals, name: data}.items():
+        (snap / other).parent.mkdir(parents=True, exist_ok=True)
+        (snap / other).write_bytes(content)
+    return snap
+
+
+def _check(name: str, data: bytes, originals: Dict[str, bytes]) -> None:
+    snap = _snapshot_with(originals, name, data)
     try:
-        for other, content in originals.items():
-            (snap / other).parent.mkdir(parents=True, exist_ok=True)
-            (snap / other).write_bytes(content)
-        (snap / name).write_bytes(data)
         try:
             cfg = READERS[name](snap)
         except ValueError as e:
@@ -99,12 +104,8 @@ def test_malformed_config_values_are_value_errors(originals: Dict[str, bytes], n
         doc = _load(name, originals[name])
         doc[edit[0]] = edit[1]
         data = _dump(name, doc)
-    snap = Path(tempfile.mkdtemp(prefix="kimia-fuzz-"))
+    snap = _snapshot_with(originals, name, data)
     try:
-        for other, content in originals.items():
-            (snap / other).parent.mkdir(parents=True, exist_ok=True)
-            (snap / other).write_bytes(content)
-        (snap / name).write_bytes(data)
         with pytest.raises(ValueError) as raised:
             READERS[name](snap)
         assert re.search(message, str(raised.value)), raised.value
