@@ -277,6 +277,20 @@ def _count(minimum: int):
     return parse
 
 
+def _max_threads() -> int:
+    """More threads than 4 per core only slow a run down (and in the thousands, llama.cpp and ONNX Runtime spend
+    minutes creating them)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _threads(text: str) -> int:
+    value = _count(1)(text)
+    if value > _max_threads():
+        raise argparse.ArgumentTypeError(f"expected 1..{_max_threads()} (4 per core of the {os.cpu_count()} here), "
+                                         f"got {value}")
+    return value
+
+
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     from kimia_edge.runtime.sessions import DEVICES
     from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
@@ -288,7 +302,7 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
                         "CPU, fp16 on a GPU")
     p.add_argument("--llm-precision", help="GGUF variant (default: the smallest in the bundle)")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--threads", type=_count(1))
+    p.add_argument("--threads", type=_threads, help=f"CPU threads (1..{_max_threads()}: 4 per core here)")
     p.add_argument("--n-gpu-layers", type=_count(0), default=0, help="LLM layers on the GPU (untested on GPU)")
     p.add_argument("--first-chunk-tokens", type=_count(1), help="smaller first detokenizer chunk = earlier first audio")
     p.add_argument("--max-steps", type=_count(1), help="cap on generation steps (not official)")

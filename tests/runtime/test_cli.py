@@ -130,7 +130,7 @@ def test_build_verbs_name_the_missing_extra_in_one_line(argv: list, capsys: pyte
 
 
 @pytest.mark.parametrize("flag, value", [("--max-steps", "-1"), ("--seed", "-3"), ("--first-chunk-tokens", "0"),
-                                         ("--threads", "0"), ("--max-steps", "many")])
+                                         ("--threads", "0"), ("--max-steps", "many"), ("--threads", "1000")])
 def test_bad_numbers_are_refused_by_the_parser(bundle: Path, flag: str, value: str,
                                                capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as done:
