@@ -159,3 +159,25 @@ def test_a_gpu_device_on_a_machine_without_one_is_one_line(bundle: Path, shared_
     assert main(["transcribe", "--bundle", str(bundle), "--device", "cuda", str(shared_audio / "qa_example.wav")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "onnxruntime-gpu" in err[0]
+
+
+@pytest.mark.parametrize("when", ["loading", "mid-turn"])
+def test_ctrl_c_exits_130_with_one_line(bundle: Path, shared_audio: Path, tmp_path: Path, when: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "o.wav"
+    proc = subprocess.Popen([sys.executable, "-m", "kimia_edge.cli", "chat", "--bundle", str(bundle), "--input",
+                             str(shared_audio / "qa_example.wav"), "--output", str(out), "--max-steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if when == "loading":
+        time.sleep(1.0)  # inside the imports and the bundle's opening
+    else:
+        proc.stdout.read(1)  # the answer has started streaming
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err and err.decode().strip().splitlines()[-1] == "interrupted"
+    assert not out.exists()  # no answer file from an interrupted first turn
