@@ -4,7 +4,7 @@
 "use strict";
 const RATE = 24000;
 const $ = (id) => document.getElementById(id);
-window.kimia = { playedSamples: 0, receivedSamples: 0, responses: [], errors: [], transcript: "" };
+window.kimia = { playedSamples: 0, receivedSamples: 0, responses: [], errors: [], transcript: "", truncated: [] };
 
 let ws = null, ctx = null, player = null, mic = null;
 let active = null;         // {id, item} of the response streaming now
@@ -115,6 +115,10 @@ function onEvent(e) {
       status("listening…");
       break;
     }
+    case "conversation.item.truncated":  // the server cut that answer in the history to what was heard
+      window.kimia.truncated.push({ item: e.item_id, audio_end_ms: e.audio_end_ms,
+                                    received_ms: Math.floor((received[e.item_id] || 0) * 1000 / RATE) });
+      break;
     case "error":
       window.kimia.errors.push(e.error);
       addTurn("metrics", "error: " + e.error.code + ": " + e.error.message);
