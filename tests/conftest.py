@@ -71,8 +71,10 @@ def torch_one_thread():
     torch.set_num_threads(previous)
 
 
-def portaudio_or_skip():
-    """The sounddevice module, or a skip saying PortAudio is missing (only live audio needs it: --mic, --speaker)."""
+@pytest.fixture
+def sounddevice_module():
+    """The sounddevice module, or a skip saying PortAudio is missing (only live audio needs it: --mic, --speaker).
+    A fixture, not an import: tests/server has a conftest.py too, and ``from conftest import`` finds either."""
     try:
         import sounddevice
     except OSError as e:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -86,10 +86,8 @@ def test_altered_or_incomplete_bundle_is_refused(bundle: Path, shared_audio: Pat
 
 
 def test_unopenable_speaker_is_refused(bundle: Path, shared_audio: Path, capsys: pytest.CaptureFixture,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import portaudio_or_skip
-
-    sd = portaudio_or_skip()
+                                       monkeypatch: pytest.MonkeyPatch, sounddevice_module) -> None:
+    sd = sounddevice_module
     if sd.query_devices():
         pytest.skip("this machine has a sound device: the no-device error cannot be provoked")
     assert main(["chat", "--bundle", str(bundle), "--input", str(shared_audio / "qa_example.wav"), "--speaker"]) == 2
