@@ -1,4 +1,5 @@
-// pybind11 bindings of the SPSC rings: AudioRing (float32 samples) and TokenRing (int32 tokens).
+// pybind11 bindings of the SPSC rings: AudioRing (float32 samples) and TokenRing (int32 tokens), and of the
+// native llama.cpp eval callback (EvalCapture, eval_capture.hpp).
 //
 // Arrays cross through the buffer protocol without copies or conversion: a 1-D C-contiguous buffer of
 // exactly the ring's dtype, or a clear TypeError / ValueError.
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <string>
 
+#include "eval_capture.hpp"
 #include "spsc_ring.hpp"
 
 namespace py = pybind11;
@@ -233,12 +235,61 @@ void bind_ring(py::module_& m, const char* name, const char* doc) {
       });
 }
 
+void bind_eval_capture(py::module_& m) {
+  using kimia::EvalCapture;
+  py::class_<EvalCapture>(m, "EvalCapture",
+                          "llama.cpp eval callback in C++: copies the graph tensor `name` ([rows, width] float32) "
+                          "into a preallocated buffer of capacity_rows rows; every other node returns at once.")
+      .def(py::init([](const std::string& name, size_t width, size_t capacity_rows, uintptr_t get_name,
+                       uintptr_t nelements, uintptr_t nbytes, uintptr_t tensor_get) {
+             if (width == 0 || capacity_rows == 0) throw py::value_error("width and capacity_rows must be > 0");
+             if (!get_name || !nelements || !nbytes || !tensor_get)
+               throw py::value_error("the four libggml-base function addresses must be non-zero");
+             kimia::GgmlTensorApi api;
+             api.get_name = reinterpret_cast<kimia::GgmlTensorApi::GetName>(get_name);
+             api.nelements = reinterpret_cast<kimia::GgmlTensorApi::NElements>(nelements);
+             api.nbytes = reinterpret_cast<kimia::GgmlTensorApi::NBytes>(nbytes);
+             api.tensor_get = reinterpret_cast<kimia::GgmlTensorApi::TensorGet>(tensor_get);
+             return new EvalCapture(name, width, capacity_rows, api);
+           }),
+           py::arg("name"), py::arg("width"), py::arg("capacity_rows"), py::arg("ggml_get_name"),
+           py::arg("ggml_nelements"), py::arg("ggml_nbytes"), py::arg("ggml_backend_tensor_get"),
+           "The four addresses: the libggml-base functions of the library llama.cpp runs with (ctypes).")
+      .def_property_readonly_static(
+          "callback_address",
+          [](py::object) { return reinterpret_cast<uintptr_t>(&EvalCapture::callback); },
+          "Address of `bool cb(ggml_tensor*, bool ask, void* user_data)` for llama_context_params.cb_eval.")
+      .def_property_readonly(
+          "user_data", [](EvalCapture& c) { return reinterpret_cast<uintptr_t>(&c); },
+          "Address for llama_context_params.cb_eval_user_data (valid while this object lives).")
+      .def_property_readonly(
+          "buffer",
+          [](py::object self) {
+            EvalCapture& c = self.cast<EvalCapture&>();
+            return py::array_t<float>({static_cast<py::ssize_t>(c.capacity_rows()), static_cast<py::ssize_t>(c.width())},
+                                      c.data(), self);
+          },
+          "[capacity_rows, width] float32 view of the buffer (no copy; keeps the capture alive).")
+      .def_property_readonly("rows", &EvalCapture::rows, "Rows captured since the last reset().")
+      .def_property_readonly("width", &EvalCapture::width)
+      .def_property_readonly("capacity_rows", &EvalCapture::capacity_rows)
+      .def_property_readonly("name", &EvalCapture::name)
+      .def_property_readonly(
+          "error", [](const EvalCapture& c) -> py::object {
+            if (c.error().empty()) return py::none();
+            return py::str(c.error());
+          },
+          "None, or why a capture was refused (wrong dtype/shape, buffer full) since the last reset().")
+      .def("reset", &EvalCapture::reset, "Forgets the captured rows and any error.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "kimia-edge native code: lock-free single-producer single-consumer rings.";
+  m.doc() = "kimia-edge native code: lock-free single-producer single-consumer rings, the llama.cpp eval capture.";
   py::register_exception<kimia::RingClosed>(m, "RingClosedError", PyExc_RuntimeError);
   py::register_exception<kimia::RingFull>(m, "RingFullError", PyExc_BufferError);
   bind_ring<float>(m, "AudioRing", "SPSC ring of float32 audio samples.");
   bind_ring<int32_t>(m, "TokenRing", "SPSC ring of int32 token ids.");
+  bind_eval_capture(m);
 }

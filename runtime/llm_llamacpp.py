@@ -11,7 +11,8 @@ Per decode call (mechanism "A", chosen in bench/llm_mechanisms.py):
    features) added and scaled by sqrt(2) at continuous positions, the text embedding skipped when the text ids sum
    to 0 (official quirk).
 2. the trunk decodes them (``llama_batch.embd``); a ``cb_eval`` callback copies ``l_out-{fork}`` (the output of main
-   layer ``fork``, [T, hidden]) to host memory; text logits come from the trunk's head.
+   layer ``fork``, [T, hidden]) to host memory; text logits come from the trunk's head. The callback is C++
+   (``NativeHiddenCapture``: no Python per graph node) unless the Python one is asked for (:func:`make_capture`).
 3. the audio model decodes the captured hidden states at the same positions; its logits are the audio logits.
 
 Why A (one trunk file + cb_eval) and not B (trunk split at the fork into two files): a qwen2 GGUF's only output
@@ -25,9 +26,10 @@ are not needed (``need_audio=False``: text-only tasks never run it; rows waiting
 decoded in one batch when audio logits are first asked for).
 
 Both models keep their own KV cache (sequence 0) in step. Exact-parity settings (flash attention off, F32 KV
-cache) are the ``exact=True`` option. The callback leans on the ggml ABI (``ggml_get_name``, ``ggml_nbytes``,
-``ggml_nelements``, ``ggml_backend_tensor_get`` in libggml-base) and on llama.cpp's tensor names (``l_out-<il>``):
-pin the llama-cpp-python version (tested with 0.3.36).
+cache) are the ``exact=True`` option. Both callbacks lean on the ggml ABI (``ggml_get_name``, ``ggml_nbytes``,
+``ggml_nelements``, ``ggml_backend_tensor_get`` in libggml-base: the native one calls the same four functions
+through addresses taken here with ctypes, and mirrors no struct layout) and on llama.cpp's tensor names
+(``l_out-<il>``): pin the llama-cpp-python version (tested with 0.3.36).
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ from .bundle import ArtifactOpenError, unopenable
 from .llm_backend import StepLogits
 from .spec.gguf import ADAPTOR_TENSORS, CONTEXT_LENGTH_KEY, KIMIA_KEYS
 
-__all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
+__all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "NativeHiddenCapture", "make_capture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
            "FeatureAdaptor",
            "LlamaCppError"]
 
@@ -243,7 +245,13 @@ def _init_backend() -> ctypes.CDLL:
 
 
 class HiddenCapture:
-    """cb_eval callback that copies one named graph tensor (e.g. ``l_out-21``) to host memory, per ubatch."""
+    """cb_eval callback in Python that copies one named graph tensor (e.g. ``l_out-21``) to host memory, per ubatch.
+
+    The fallback of :class:`NativeHiddenCapture`: llama.cpp calls it (through ctypes, taking the GIL) for every
+    graph node of every decode, ~0.3-0.5 ms per step on the small snapshot and more at full size."""
+
+    kind = "python"
+    user_data = None  # cb_eval_user_data
 
     def __init__(self, ggml: ctypes.CDLL, name: str, width: int) -> None:
         self._ggml = ggml
@@ -268,6 +276,13 @@ class HiddenCapture:
         self.chunks.append(buf)
         return True
 
+    def after_decode(self) -> None:
+        """Called after every llama_decode of the capturing model (the Python callback has nothing to collect)."""
+
+    def clear(self) -> None:
+        self.chunks = []
+        self.error = None
+
     def take(self) -> np.ndarray:
         if self.error is not None:
             err, self.error = self.error, None
@@ -276,6 +291,72 @@ class HiddenCapture:
         out = self.chunks[0] if len(self.chunks) == 1 else np.concatenate(self.chunks, axis=0)
         self.chunks = []
         return out
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+class NativeHiddenCapture(HiddenCapture):
+    """The same capture with the callback in C++ (``kimia_edge._native.EvalCapture``, cpp_ext/eval_capture.hpp):
+    llama.cpp calls a C function that compares each node's name with ``name`` and returns at once for every other
+    node; the wanted tensor is copied into a preallocated [capacity_rows, width] float32 buffer with
+    ``ggml_backend_tensor_get``. No Python and no GIL per graph node. The rows of one llama_decode are moved into
+    ``chunks`` by :meth:`after_decode` (capacity_rows must be >= the context's n_ubatch)."""
+
+    kind = "native"
+
+    def __init__(self, ggml: ctypes.CDLL, name: str, width: int, capacity_rows: int) -> None:
+        from kimia_edge._native import EvalCapture
+
+        self.name = name.encode()
+        self.width = width
+        self.chunks = []
+        self.error = None
+        self._native = EvalCapture(name, width, capacity_rows, _address(ggml.ggml_get_name),
+                                   _address(ggml.ggml_nelements), _address(ggml.ggml_nbytes),
+                                   _address(ggml.ggml_backend_tensor_get))
+        self._buffer = self._native.buffer
+        self.callback = llama.ggml_backend_sched_eval_callback(EvalCapture.callback_address)
+        self.user_data = ctypes.c_void_p(self._native.user_data)
+
+    def after_decode(self) -> None:
+        err = self._native.error
+        if err is not None and self.error is None:
+            self.error = err
+        n = self._native.rows
+        if n and self.error is None:
+            self.chunks.append(self._buffer[:n].copy())
+        self._native.reset()
+
+    def clear(self) -> None:
+        super().clear()
+        self._native.reset()
+
+
+EVAL_CALLBACKS = ("auto", "native", "python")
+
+
+def make_capture(ggml: ctypes.CDLL, name: str, width: int, capacity_rows: int,
+                 eval_callback: str = "auto") -> HiddenCapture:
+    """The hand-off capture: native (C++) by default; the Python callback when asked (``eval_callback="python"``
+    or the environment variable ``KIMIA_EVAL_CALLBACK=python``) or, with "auto", when the extension has no
+    ``EvalCapture`` (a stale build of cpp_ext: rebuild with ``pip install --no-deps -e .``)."""
+    if eval_callback not in EVAL_CALLBACKS:
+        raise ValueError(f"eval_callback={eval_callback!r}: expected one of {EVAL_CALLBACKS}")
+    if eval_callback == "auto":
+        eval_callback = os.environ.get("KIMIA_EVAL_CALLBACK", "auto") or "auto"
+        if eval_callback not in EVAL_CALLBACKS:
+            raise ValueError(f"KIMIA_EVAL_CALLBACK={eval_callback!r}: expected one of {EVAL_CALLBACKS}")
+    if eval_callback == "python":
+        return HiddenCapture(ggml, name, width)
+    try:
+        return NativeHiddenCapture(ggml, name, width, capacity_rows)
+    except ImportError:
+        if eval_callback == "native":
+            raise
+        log.warning("kimia_edge._native has no EvalCapture (stale build): using the Python eval callback")
+        return HiddenCapture(ggml, name, width)
 
 
 class LlamaModel:
@@ -308,6 +389,8 @@ class LlamaModel:
         self.capture = capture
         if capture is not None:
             cp.cb_eval = capture.callback
+            if capture.user_data is not None:
+                cp.cb_eval_user_data = capture.user_data
         self._ctx = llama.llama_init_from_model(self._model, cp)
         if not self._ctx:
             llama.llama_model_free(self._model)
@@ -340,6 +423,8 @@ class LlamaModel:
                 b.logits[i] = 1 if (want_logits and last_chunk and i == n - 1) else 0
             b.n_tokens = n
             rc = llama.llama_decode(self._ctx, b)
+            if self.capture is not None:
+                self.capture.after_decode()
             if rc != 0:
                 raise LlamaCppError(f"{self.path.name}: llama_decode returned {rc} at positions "
                                     f"{pos0 + s}..{pos0 + s + n - 1}")
@@ -369,11 +454,14 @@ class LlamaCppBackend:
     split). exact: flash attention off and F32 KV cache (parity tests). text_only: the audio model is never loaded
     nor run and no eval callback is installed (audio logits are always None; ASR / audio QA). feature_scale: overrides the sqrt(2) stored in the file
     (the file holds the value in the snapshot dtype, bf16 1.4140625; an fp32 reference uses 1.4142135).
+    eval_callback: the hand-off capture, "auto" (native C++ callback unless ``KIMIA_EVAL_CALLBACK=python``),
+    "native" or "python" (:func:`make_capture`).
     """
 
     def __init__(self, trunk_path: Path, audio_path: Optional[Path] = None, adaptor_path: Optional[Path] = None, *,
                  n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
-                 exact: bool = False, text_only: bool = False, feature_scale: Optional[float] = None) -> None:
+                 exact: bool = False, text_only: bool = False, feature_scale: Optional[float] = None,
+                 eval_callback: str = "auto") -> None:
         ggml = _init_backend()
         trunk_path = Path(trunk_path)
         reader = open_gguf(trunk_path)
@@ -390,8 +478,8 @@ class LlamaCppBackend:
         self._models: List[LlamaModel] = []
         common = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
         try:
-            self.capture = None if text_only else HiddenCapture(ggml, f"l_out-{self.info.fork_layer}",
-                                                                self.info.hidden_size)
+            self.capture = None if text_only else make_capture(ggml, f"l_out-{self.info.fork_layer}",
+                                                               self.info.hidden_size, n_batch, eval_callback)
             self.trunk = LlamaModel(trunk_path, capture=self.capture, **common)
             self._models.append(self.trunk)
             self.audio: Optional[LlamaModel] = None
@@ -484,7 +572,7 @@ class LlamaCppBackend:
         for m in self._models:
             m.clear()
         if self.capture is not None:
-            self.capture.chunks = []
+            self.capture.clear()
         self._pending = []
         self._position = 0
         self._audio_position = 0

@@ -234,6 +234,59 @@ def test_text_only_and_skipped_heads(tiny):
         _close(a, a_r, "audio after catch-up")
 
 
+def test_native_hand_off_equals_the_python_callback_bit_for_bit(tiny, monkeypatch):
+    """The C++ eval callback (default) hands over the same l_out-<fork> rows as the Python one, bit for bit, so both
+    heads' logits are identical too: over a prompt longer than n_batch (several llama_decode calls per capture) and
+    over steps, with the audio model deferred (rows waiting in _pending) and caught up."""
+    _, res, model = tiny
+    rng = np.random.default_rng(21)
+    audio, text, feats, mask = _prompt(model.config, rng, length=19)
+    runs = {}
+    for kind in ("native", "python"):
+        with _backend(res, n_batch=8, eval_callback=kind) as be:
+            assert be.capture.kind == kind
+            out = [be.prefill(audio, text, feats, mask, need_audio=False)]
+            pending = [h.copy() for h in be._pending]
+            for k in range(6):
+                out.append(be.step(int(audio[k]), int(text[k]), need_audio=k % 3 == 2))
+                pending += [h.copy() for h in be._pending]
+            runs[kind] = (out, np.concatenate(pending))
+    (out_n, hid_n), (out_p, hid_p) = runs["native"], runs["python"]
+    assert hid_n.shape == hid_p.shape and hid_n.shape[1] == model.config.hidden_size
+    np.testing.assert_array_equal(hid_n, hid_p)
+    for i, (a, b) in enumerate(zip(out_n, out_p)):
+        for x, y in zip(a, b):
+            assert (x is None) == (y is None), f"call {i}"
+            if x is not None:
+                np.testing.assert_array_equal(x, y, err_msg=f"call {i}")
+    # the default is native; KIMIA_EVAL_CALLBACK=python selects the fallback
+    with _backend(res) as be:
+        assert be.capture.kind == "native"
+    monkeypatch.setenv("KIMIA_EVAL_CALLBACK", "python")
+    with _backend(res) as be:
+        assert be.capture.kind == "python"
+    with pytest.raises(ValueError, match="eval_callback"):
+        _backend(res, eval_callback="cuda")
+
+
+def test_native_capture_reports_a_wrong_shape_and_a_full_buffer(tiny):
+    _, res, model = tiny
+    ggml = llm_llamacpp._init_backend()
+    hidden = model.config.hidden_size
+    x = np.random.default_rng(0).standard_normal((5, hidden)).astype(np.float32)
+    for width, capacity, match in ((hidden + 1, 8, "expected float32"), (hidden, 4, "buffer holds 4")):
+        cap = llm_llamacpp.NativeHiddenCapture(ggml, f"l_out-{model.config.kimia_mimo_transformer_from_layer_index}",
+                                               width, capacity)
+        m = llm_llamacpp.LlamaModel(res.trunk, n_ctx=64, n_batch=8, n_threads=1, n_gpu_layers=0, exact=True,
+                                    capture=cap)
+        try:
+            m.decode(x, 0, want_logits=False)
+            with pytest.raises(llm_llamacpp.LlamaCppError, match=match):
+                cap.take()
+        finally:
+            m.close()
+
+
 def test_errors_are_clear(tiny):
     _, res, model = tiny
     with _backend(res) as be:
