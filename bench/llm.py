@@ -15,7 +15,7 @@ Decode modes (the exact savings of the generation loop):
 
 "ours" = ``LlamaCppBackend.step`` + greedy sampling of every head it returned (embedding rows read from the GGUF,
 both models, hand-off, logits, sampling: the loop's whole per-step cost; "w/o sampling" = the backend step alone:
-the sampler's full-vocabulary log-softmax costs a few ms per head at V = 168448); "raw" = the same two llama.cpp models
+greedy sampling costs ~0.1 ms per head at V = 168448 since the float32 fast path, ~1.3 ms before); "raw" = the same two llama.cpp models
 decoding a fixed embedding with the same capture, nothing else (target: ours within 5 % of raw). The two are
 measured in alternating rounds so that drift hits both alike; the medians are reported.
 
@@ -24,6 +24,13 @@ read, ~0) and of the audio model (its ``token_embd`` is the tied head ``mimo_out
 
     python bench/llm.py --small /work/snaps/small --work /tmp/llm_bench [--threads 2] [--json out.json]
     python bench/llm.py --full-gguf /path/full_f16 /path/full_q4km [--threads 2]
+    python bench/llm.py --callbacks /path/gguf_folder [...] [--threads 2]
+    python bench/llm.py --sampler
+
+3. ``--callbacks DIR [DIR ...]``: the hand-off's eval callback in Python (llama.cpp calls it through ctypes for
+   every graph node) vs in C++ (``NativeHiddenCapture``, the default), two backends on the same files stepped in
+   alternating rounds, per mode, each against the bandwidth bound measured right before the mode. Text-only
+   installs no callback; it is listed for the bound (both backends run it the same way).
 """
 from __future__ import annotations
 
@@ -41,7 +48,7 @@ import numpy as np
 
 import gguf
 import llama_cpp
-from kimia_edge.runtime.llm_llamacpp import HiddenCapture, LlamaCppBackend, LlamaModel, _init_backend
+from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend, LlamaModel, _init_backend, make_capture
 from kimia_edge.runtime.sampler import SamplerParams, sample_token
 from kimia_edge.runtime.metrics import machine_label
 
@@ -139,7 +146,8 @@ def llamacpp_speeds(files: Dict[str, Path], threads: int, prompt: int, steps: in
         raw_fn = None
         if raw:
             ggml = _init_backend()
-            cap = HiddenCapture(ggml, f"l_out-{info.fork_layer}", info.hidden_size)
+            cap = make_capture(ggml, f"l_out-{info.fork_layer}", info.hidden_size, common["n_batch"],
+                               be.capture.kind)
             trunk = LlamaModel(files["trunk"], capture=cap, n_gpu_layers=0, exact=False, **common)
             mimo = LlamaModel(files["audio"], n_gpu_layers=0, exact=False, **common)
             x = be.embed_inputs(audio, text, None, None)
@@ -202,6 +210,165 @@ def torch_speeds(snapshot: Path, threads: int, prompt: int, steps: int) -> Dict[
         dec = _timed(step, steps)
     return {"prefill": {"tokens_per_s": prompt / statistics.median(pre)},
             "full step": {"steps_per_s": 1 / statistics.median(dec)}}
+
+
+def callback_speeds(files: Dict[str, Path], threads: int, prompt: int, steps: int, rounds: int,
+                    probe: BandwidthProbe) -> Dict[str, Dict[str, float]]:
+    """Per mode: steps/s ("ours": step + greedy sampling) with the Python and with the native eval callback."""
+    rng = np.random.default_rng(0)
+    common = dict(n_ctx=prompt + rounds * steps + 16, n_threads=threads, n_batch=max(prompt, 32))
+    kinds = ("python", "native")
+    res: Dict[str, Dict[str, float]] = {}
+    bes = {}
+    try:
+        for kind in kinds:
+            bes[kind] = LlamaCppBackend(files["trunk"], files["audio"], files.get("adaptor"), eval_callback=kind,
+                                        **common)
+            assert bes[kind].capture.kind == kind
+        info = bes["native"].info
+        audio, text = _prompt_ids(info, prompt, rng)
+        mask = np.zeros(prompt, bool)
+
+        def step_fn(be: LlamaCppBackend, need_text: bool) -> Callable[[], None]:
+            def step() -> None:
+                t, a = be.step(int(rng.integers(info.token_offset, info.vocab_size)), 7, need_text=need_text)
+                if t is not None:
+                    sample_token(t, GREEDY, rng)
+                if a is not None:
+                    sample_token(a, GREEDY, rng)
+            return step
+
+        for mode, need_text in (("full step", True), ("text ended", False)):
+            for be in bes.values():
+                be.prefill(audio, text, None, mask)
+            bw = probe.measure()
+            times: Dict[str, List[float]] = {k: [] for k in kinds}
+            for _ in range(rounds):  # alternate: drift hits both alike
+                for kind in kinds:
+                    times[kind] += _timed(step_fn(bes[kind], need_text), steps)
+            res[mode] = {"bandwidth_gbs": bw, **{k: 1 / statistics.median(v) for k, v in times.items()}}
+    finally:
+        for be in bes.values():
+            be.close()
+    with LlamaCppBackend(files["trunk"], None, files.get("adaptor"), text_only=True, **common) as be:
+        be.prefill(audio, text, None, mask)
+        bw = probe.measure()
+        t = _timed(lambda: sample_token(be.step(int(rng.integers(info.token_offset, info.vocab_size)), 7)[0],
+                                        GREEDY, rng), rounds * steps)
+        sps = 1 / statistics.median(t)
+        res["text-only"] = {"bandwidth_gbs": bw, "python": sps, "native": sps}
+    return res
+
+
+def callback_cost(files: Dict[str, Path], threads: int, prompt: int, steps: int, rounds: int) -> Dict[str, float]:
+    """The callback alone: ms per one-position trunk decode with no callback, the Python one and the native one
+    (alternating rounds, medians), and the graph nodes llama.cpp asks the callback about per decode."""
+    ggml = _init_backend()
+    common = dict(n_ctx=prompt + 3 * rounds * steps + 16, n_threads=threads, n_batch=max(prompt, 32), n_gpu_layers=0,
+                  exact=False)
+    with LlamaCppBackend(files["trunk"], None, None, text_only=True, n_ctx=64, n_threads=threads) as be:
+        info = be.info
+        x = be.embed_inputs(*_prompt_ids(info, prompt, np.random.default_rng(0)), None, None)
+    name = f"l_out-{info.fork_layer}"
+    models = {"none": LlamaModel(files["trunk"], **common)}
+    for kind in ("python", "native"):
+        models[kind] = LlamaModel(files["trunk"], capture=make_capture(ggml, name, info.hidden_size,
+                                                                       common["n_batch"], kind), **common)
+    asked = [0]
+    counter = make_capture(ggml, name, info.hidden_size, common["n_batch"], "python")
+    inner = counter._on_eval
+
+    def counting(tensor, ask, user_data):
+        asked[0] += bool(ask)
+        return inner(tensor, ask, user_data)
+
+    counter.callback = llama_cpp.ggml_backend_sched_eval_callback(counting)
+    models["count"] = LlamaModel(files["trunk"], capture=counter, **common)
+    try:
+        pos = {}
+        for k, m in models.items():
+            m.decode(x, 0, False)
+            if m.capture is not None:
+                m.capture.take()
+            pos[k] = prompt
+        asked[0] = 0
+        models["count"].decode(x[-1:], prompt, True)
+        nodes = asked[0]
+        times: Dict[str, List[float]] = {k: [] for k in ("none", "python", "native")}
+        for _ in range(rounds):
+            for k in times:
+                m = models[k]
+
+                def one() -> None:
+                    m.decode(x[-1:], pos[k], True)
+                    if m.capture is not None:
+                        m.capture.take()
+                    pos[k] += 1
+                times[k] += _timed(one, steps)
+        out = {f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}
+        out["nodes_asked"] = nodes
+        return out
+    finally:
+        for m in models.values():
+            m.close()
+
+
+def bench_callbacks(folders: Sequence[Path], threads: int, prompt: int, steps: int, rounds: int) -> Dict:
+    probe = BandwidthProbe(threads)
+    out = {}
+    for folder in folders:
+        files = _files(folder)
+        r = callback_speeds(files, threads, prompt, steps, rounds, probe)
+        r["trunk_decode"] = callback_cost(files, threads, prompt, steps, rounds)
+        r["bytes_per_step"] = bytes_per_step(files)
+        out[folder.name] = r
+        print(f"  {folder.name}: {json.dumps(r)}", file=sys.stderr)
+    return out
+
+
+def _mode_bound(r: Dict, mode: str) -> Tuple[Dict[str, float], float, float]:
+    """(the mode's figures, GB read per step, bound steps/s = the bandwidth measured before it / GB per step)."""
+    m = r[mode]
+    gb = r["bytes_per_step"][mode] / 1e9
+    return m, gb, m["bandwidth_gbs"] / gb
+
+
+def callbacks_table(rows: Dict, threads: int, prompt: int, steps: int, rounds: int) -> str:
+    lines = [f"Eval callback: Python vs native (C++), {threads} threads, prompt {prompt}, {rounds} alternating rounds "
+             f"of {steps} steps (medians); {machine_label()}; {datetime.date.today().isoformat()}. Bound = bandwidth "
+             f"/ bytes read per step, bandwidth measured right before each mode.", "",
+             "| model | mode | GB read / step | bandwidth GB/s | bound step/s | Python cb step/s | % of bound "
+             "| native cb step/s | % of bound | native / Python |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        for mode in MODES:
+            m, gb, bound = _mode_bound(r, mode)
+            note = " (no callback)" if mode == "text-only" else ""
+            lines.append(f"| {name} | {mode}{note} | {gb:.3f} | {m['bandwidth_gbs']:.1f} | {bound:.1f} | "
+                         f"{m['python']:.2f} | {100 * m['python'] / bound:.0f} % | {m['native']:.2f} | "
+                         f"{100 * m['native'] / bound:.0f} % | {m['native'] / m['python']:.3f} |")
+    lines += ["", "The callback alone: one-position trunk decode (text head included), median ms, alternating rounds.", "",
+              "| model | graph nodes asked / decode | no callback ms | Python cb ms | native cb ms | Python cb cost ms "
+              "| native cb cost ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        d = r["trunk_decode"]
+        lines.append(f"| {name} | {d['nodes_asked']} | {d['none_ms']:.2f} | {d['python_ms']:.2f} | "
+                     f"{d['native_ms']:.2f} | {d['python_ms'] - d['none_ms']:+.2f} | {d['native_ms'] - d['none_ms']:+.2f} |")
+    return "\n".join(lines)
+
+
+def sampler_table(vocab: int = 168448, repeats: int = 300) -> str:
+    """ms per sample_token on one [vocab] float32 vector: the fast paths vs the full-vocabulary reference steps."""
+    x = (np.random.default_rng(0).standard_normal(vocab) * 3).astype(np.float32)
+    lines = [f"Sampler, one head, V = {vocab}, median of {repeats}; {machine_label()}; "
+             f"{datetime.date.today().isoformat()}.", "", "| params | fast ms | reference ms | reference / fast |",
+             "|---|---:|---:|---:|"]
+    for label, params in (("greedy", GREEDY), ("T 0.8, top-k 5", SamplerParams(0.8, 5, 1.0, 16))):
+        ms = {}
+        for fast in (True, False):
+            rng = np.random.default_rng(1)
+            ms[fast] = 1e3 * statistics.median(_timed(lambda: sample_token(x, params, rng, fast=fast), repeats))
+        lines.append(f"| {label} | {ms[True]:.3f} | {ms[False]:.3f} | {ms[False] / ms[True]:.1f} |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------- parts
@@ -274,9 +441,7 @@ def full_table(rows: Dict, threads: int, prompt: int) -> str:
              "| raw 2-model step/s | ours / raw | ours w/o sampling / raw |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         for mode in MODES:
-            m = r[mode]
-            gb = r["bytes_per_step"][mode] / 1e9
-            bound = m["bandwidth_gbs"] / gb
+            m, gb, bound = _mode_bound(r, mode)
             steps = m["steps_per_s"]
             raw = m.get("raw_steps_per_s")
             raw_cells = ("| | | |" if raw is None else
@@ -293,6 +458,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--small", type=Path, help="small snapshot folder")
     p.add_argument("--work", type=Path, default=Path("llm_bench"), help="folder for the small GGUFs")
     p.add_argument("--full-gguf", type=Path, nargs="*", default=[], help="full-size GGUF export folders")
+    p.add_argument("--callbacks", type=Path, nargs="*", default=[],
+                   help="GGUF export folders: Python vs native eval callback, side by side")
+    p.add_argument("--sampler", action="store_true", help="sampler fast paths vs the reference steps")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--steps", type=int, default=16, help="steps per round")
@@ -308,6 +476,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.full_gguf:
         report["full"] = bench_full(a.full_gguf, a.threads, a.prompt, a.steps, a.rounds)
         print(full_table(report["full"], a.threads, a.prompt))
+    if a.sampler:
+        print(sampler_table())
+        print()
+    if a.callbacks:
+        report["callbacks"] = bench_callbacks(a.callbacks, a.threads, a.prompt, a.steps, a.rounds)
+        print(callbacks_table(report["callbacks"], a.threads, a.prompt, a.steps, a.rounds))
     if a.json:
         a.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
