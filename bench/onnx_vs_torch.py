@@ -13,7 +13,8 @@ component at a particular geometry, add a case to ``bench_inputs``.
 
     python bench/onnx_vs_torch.py --snapshot /work/snaps/small [--components dit_step vocoder] \\
         [--precisions fp32 fp16 int8_dynamic int8_qdq] [--calibration-audio DIR] [--threads 2] [--repeats 3] \\
-        [--dit-evals 30] [--onnx-dir DIR] [--ort-opt-level all] [--json out.json]
+        [--dit-evals 30] [--onnx-dir DIR] [--ort-opt-level all] [--json out.json] \\
+        [--extra-onnx LABEL=PATH ...]   # other graphs of the one component, timed in the same rounds (old vs new)
 
 Targets (from the issue; reported, not asserted): fp32 ONNX >= 1.5x eager torch fp32 for a DiT chunk and a vocoder
 chunk; int8 >= 2x.
@@ -141,10 +142,12 @@ def bench_component(name: str, args: argparse.Namespace, context: CalibrationCon
         graphs[precision] = make_variant(precision, fp32, (args.onnx_dir or tmp) / f"{name}.{precision}.onnx",
                                          calibration, spec.int8_dynamic_signed_weights)
         del calibration
-    for precision, path in graphs.items():
+    labelled = [(f"onnx {precision}", path) for precision, path in graphs.items()]
+    labelled += [(f"onnx {label}", Path(path)) for label, path in (e.split("=", 1) for e in args.extra_onnx)]
+    for label, path in labelled:
         session = open_bench_session(path, args.threads, args.ort_opt_level, not args.ort_no_spin)
-        errors[f"onnx {precision}"] = compare(spec, session.run(feeds), ref)
-        paths.append((f"onnx {precision}", lambda s=session: s.run(feeds)))
+        errors[label] = compare(spec, session.run(feeds), ref)
+        paths.append((label, lambda s=session: s.run(feeds)))
     evals = args.dit_evals if name == "dit_step" else 1
     scale = DIT_EVALS_PER_CHUNK / evals if name == "dit_step" else 1.0  # per-chunk time from `evals` evaluations
     with torch.inference_mode():
@@ -197,7 +200,12 @@ def main() -> None:
     parser.add_argument("--ort-opt-level", choices=ORT_OPT_LEVELS, default="all")
     parser.add_argument("--ort-no-spin", action="store_true", help="ORT intra-op threads sleep instead of spinning")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--extra-onnx", nargs="*", default=[], metavar="LABEL=PATH",
+                        help="more graphs of the (single) component, same inputs, timed in the same rounds; the label's "
+                             "last word is its precision (e.g. 'per-frame fp32=old/dit_step.fp32.onnx')")
     args = parser.parse_args()
+    if args.extra_onnx and (len(args.components) != 1 or any("=" not in e for e in args.extra_onnx)):
+        parser.error("--extra-onnx: LABEL=PATH, with exactly one --components")
     if not args.snapshot.is_dir():
         parser.error(f"--snapshot: {args.snapshot} is not a folder")
     if not 1 <= args.dit_evals <= DIT_EVALS_PER_CHUNK:

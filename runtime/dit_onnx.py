@@ -6,6 +6,8 @@ the graph's dtype and layout (the state machine's always do); the prefix K/V is 
 the state machine hands the same two arrays to every call of a chunk — by copying it into a buffer kept from the
 previous chunk (no copy at all when it is already contiguous float32); t_int and prefix_len live in two reused
 1-element arrays. The outputs are ONNX Runtime's own arrays, which the caller keeps.
+The graph reads one token id per aligned group of GRAPH_TOKEN_FRAMES frames (the adaLN condition per token); every
+call checks that ``tokens`` is grouped so (~2 µs), as the detokenizer's x4-repeated ids always are.
 An empty prefix (first chunk) becomes the MIN_PREFIX_SLOTS masked slots the graph expects (export/graphs/dit_step.py).
 """
 from __future__ import annotations
@@ -16,10 +18,21 @@ import numpy as np
 
 from kimia_edge.runtime.sessions import Session
 from kimia_edge.runtime.spec.graphs import GRAPHS
-from kimia_edge.runtime.spec.streaming import MIN_PREFIX_SLOTS
+from kimia_edge.runtime.spec.streaming import GRAPH_TOKEN_FRAMES, MIN_PREFIX_SLOTS
 
 _DIT_INPUTS = GRAPHS["dit_step"].inputs
 _VOCODER_INPUT = GRAPHS["vocoder"].inputs[0]
+
+
+def check_grouped_tokens(tokens: np.ndarray, group: int = GRAPH_TOKEN_FRAMES) -> None:
+    """Raises unless every aligned group of ``group`` frames of ``tokens`` [1, T] holds one id (the last group may be
+    partial): the DiT-step graph reads only the first id of each group."""
+    ids = np.asarray(tokens).reshape(-1)
+    changes = np.flatnonzero(ids[1:] != ids[:-1]) + 1  # frames where a new id starts
+    if changes.size and np.any(changes % group):
+        frame = int(changes[changes % group != 0][0])
+        raise ValueError(f"tokens: the DiT step takes one id per aligned group of {group} frames (12.5 Hz ids "
+                         f"repeated x{group}); the id changes at frame {frame}")
 
 
 def pad_prefix(prefix_k: np.ndarray, prefix_v: np.ndarray, depth: int, heads: int, head_dim: int
@@ -89,6 +102,7 @@ class OnnxDitStep:
         if prefix_k is not self._src[0] or prefix_v is not self._src[1]:
             self._graph_prefix(prefix_k, prefix_v)
             self._src = (prefix_k, prefix_v)
+        check_grouped_tokens(tokens)
         self._t_int[0] = np.asarray(t_int).reshape(-1)[0]
         velocity, k, v = self.session.run(dict(zip(_DIT_INPUTS, (
             np.ascontiguousarray(x_t, np.float32), self._t_int, np.ascontiguousarray(tokens, np.int64),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kimia_edge.export.graphs.base import export_graph
-from kimia_edge.export.graphs.dit_step import MIN_PREFIX, DitStepGraph
+from kimia_edge.export.graphs.dit_step import GRAPH_TOKEN_FRAMES, MIN_PREFIX, DitStepGraph, grouped_ids
 from kimia_edge.export.graphs.vocoder import VocoderGraph
 from kimia_edge.export.reference.dit import TorchDitStep
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
@@ -27,6 +27,10 @@ STEP_TOL = 2e-5
 MEL_TOL = 1e-4
 WAV_TOL = 5e-5
 N_OFFICIAL_CHUNKS = 3
+# adaLN per token (torch DiT.step token_frames=4) vs per frame, same inputs: the same rows from a GEMM with 1/4 of the
+# rows, so equal up to fp32 rounding; measured <= 1.2e-6 on outputs of magnitude ~5 (ulp 4.8e-7 at 4), i.e. a few
+# ulps. Limit: 8 ulps of the output's largest magnitude.
+PER_TOKEN_ULPS = 8
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +87,7 @@ def test_step_equals_reference_with_exact_prefix(graphs, frames: int, prefix: in
     pk, pv = kv(), kv()
     x = rng.standard_normal((1, frames, cfg.input_size), dtype=np.float32)
     t_int = np.array([345], np.int64)
-    tokens = rng.integers(0, cfg.semantic_vocab_size, (1, frames))
+    tokens = grouped_ids(torch.from_numpy(rng.integers(0, cfg.semantic_vocab_size, (1, frames))), frames).numpy()
     positions = np.arange(prefix + 17, prefix + 17 + frames)[None]
     got = graphs["dit_session"].run({"x_t": x, "t_int": t_int, "tokens": tokens, "positions": positions,
                                      "prefix_k": pk, "prefix_v": pv, "prefix_len": np.array([prefix], np.int64)})
@@ -93,6 +97,53 @@ def test_step_equals_reference_with_exact_prefix(graphs, frames: int, prefix: in
                           torch.from_numpy(positions), exact(pk), exact(pv))
     for name, g, r in zip(("velocity", "k", "v"), got, ref):
         np.testing.assert_allclose(g, r.numpy(), atol=STEP_TOL, rtol=0, err_msg=name)
+
+
+def test_per_token_adaln_equals_the_reference_at_every_euler_step(graphs) -> None:
+    """The exported step computes the adaLN condition once per 12.5 Hz token (4 frames). At every evaluation of the
+    official schedule (29 Euler steps + priming, 3 chunks: first, window filling, final with a partial prefix), on
+    the inputs the state machine really makes, the graph and the torch per-token step equal the per-frame reference:
+    torch per-token within PER_TOKEN_ULPS ulps (fp32 rounding), the graph within STEP_TOL (ONNX vs torch)."""
+    cfg, module = graphs["cfg"], graphs["module"]
+    onnx_step, reference = _onnx_step(graphs), graphs["torch_step"]
+    calls = []
+
+    def checking_step(x_t, t_int, tokens, positions, prefix_k, prefix_v):
+        ref = reference(x_t, t_int, tokens, positions, prefix_k, prefix_v)
+        got = onnx_step(x_t, t_int, tokens, positions, prefix_k, prefix_v)
+        n = prefix_k.shape[3]
+        prefix = (lambda a: torch.from_numpy(np.ascontiguousarray(a))) if n else (lambda a: None)
+        with torch.inference_mode():
+            per_token = module.step(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x_t, t_int, tokens, positions)),
+                                    prefix(prefix_k), prefix(prefix_v), token_frames=GRAPH_TOKEN_FRAMES)
+        for name, g, t, r in zip(("velocity", "k", "v"), got, per_token, ref):
+            ulp = np.spacing(np.float32(np.abs(r).max()))
+            np.testing.assert_allclose(t.numpy(), r, atol=PER_TOKEN_ULPS * ulp, rtol=0, err_msg=f"torch {name}")
+            np.testing.assert_allclose(g, r, atol=STEP_TOL, rtol=0, err_msg=f"graph {name}")
+        calls.append((int(t_int[0]), tokens.shape[1], n))
+        return ref
+
+    tokens = np.random.default_rng(5).integers(0, cfg.semantic_vocab_size, 75)  # chunks of 30, 30, 15 tokens
+    chunks = _run(checking_step, graphs["torch_vocoder"], cfg, StreamingConfig(), tokens, np.random.default_rng(6))
+    assert len(chunks) == 3
+    assert len(calls) == 3 * 29 + 2  # every Euler evaluation of every chunk, and the two priming passes
+    assert {c[0] for c in calls} >= {0, 999}
+    # (frames, prefix frames): chunk 0 and its priming, chunk 1 (48 look-ahead + 120) and its priming, final 48 + 60
+    assert sorted({(frames, prefix) for _, frames, prefix in calls}) == [(72, 0), (108, 192), (120, 0), (120, 72),
+                                                                         (168, 72)]
+
+
+def test_graph_refuses_tokens_not_grouped_by_token(graphs) -> None:
+    """The graph reads one id per 4 frames; ids that change inside a group would be silently wrong, so the runtime
+    step refuses them."""
+    cfg = graphs["cfg"]
+    empty = np.zeros((cfg.depth, 1, cfg.num_heads, 0, cfg.head_dim), np.float32)
+    x = np.zeros((1, 8, cfg.input_size), np.float32)
+    tokens = np.array([[3, 3, 3, 3, 5, 5, 5, 6]])
+    with pytest.raises(ValueError, match="changes at frame 7"):
+        _onnx_step(graphs)(x, np.array([0]), tokens, np.arange(8)[None], empty, empty)
+    tokens[0, 7] = 5  # grouped (and a partial last group is fine)
+    _onnx_step(graphs)(x[:, :6], np.array([0]), tokens[:, :6], np.arange(6)[None], empty, empty)
 
 
 # ---- streaming: the host Euler loop over the graph vs the same loop over the torch reference -------------------

@@ -25,7 +25,7 @@ from torch import nn
 from kimia_edge.runtime.dit_config import LAYER_NORM_EPS, TIMESTEP_FREQUENCY_DIM, TIMESTEP_MAX_PERIOD, DitConfig
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "TimestepEmbedder", "TorchDitStep", "build_dit", "rope_tables",
-           "apply_rope", "PrefixKV"]
+           "apply_rope", "per_frame", "PrefixKV"]
 
 # timm Mlp in the official DiTBlock: act_layer = nn.GELU(approximate="tanh") (dit_block.py "approx_gelu").
 _GELU_APPROXIMATE = "tanh"
@@ -129,6 +129,15 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale) + shift
 
 
+def per_frame(rows: torch.Tensor, group: int, frames: int) -> torch.Tensor:
+    """[B, G, C] rows, one per aligned group of ``group`` frames -> [B, frames, C]: each row copied to its group's
+    frames (the last group may be partial). Copies, no arithmetic: exact."""
+    if group == 1:
+        return rows
+    b, g, ch = rows.shape
+    return rows[:, :, None, :].expand(b, g, group, ch).reshape(b, g * group, ch)[:, :frames]
+
+
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm without affine parameters, eps 1e-6 (norm1 / norm2 / norm_final)."""
     return F.layer_norm(x, (x.shape[-1],), eps=LAYER_NORM_EPS)
@@ -144,9 +153,11 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(),
                                               nn.Linear(cfg.hidden_size, _BLOCK_MODULATIONS * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cos, sin, prefix_k, prefix_v, attn_mask):
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos, sin, prefix_k, prefix_v, attn_mask, group: int = 1):
+        """``c``: the condition per frame [B, T, d], or per aligned group of ``group`` frames [B, ceil(T/group), d]
+        (the modulation is then computed per group and copied to its frames)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
-            self.adaLN_modulation(c).chunk(_BLOCK_MODULATIONS, dim=2)
+            per_frame(self.adaLN_modulation(c), group, x.shape[1]).chunk(_BLOCK_MODULATIONS, dim=2)
         h, k, v = self.attn(_modulate(_norm(x), shift_msa, scale_msa), cos, sin, prefix_k, prefix_v, attn_mask)
         x = x + gate_msa * h
         x = x + gate_mlp * self.mlp(_modulate(_norm(x), shift_mlp, scale_mlp))
@@ -162,8 +173,8 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(),
                                               nn.Linear(hidden_size, _FINAL_MODULATIONS * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(_FINAL_MODULATIONS, dim=2)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, group: int = 1) -> torch.Tensor:
+        shift, scale = per_frame(self.adaLN_modulation(c), group, x.shape[1]).chunk(_FINAL_MODULATIONS, dim=2)
         return self.linear(_modulate(_norm(x), shift, scale))
 
 
@@ -207,6 +218,7 @@ class DiT(nn.Module):
         prefix_k: Optional[PrefixKV] = None,
         prefix_v: Optional[PrefixKV] = None,
         prefix_mask: Optional[torch.Tensor] = None,
+        token_frames: int = 1,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One network evaluation.
 
@@ -214,6 +226,11 @@ class DiT(nn.Module):
         semantic ids; positions [1, T] int64 absolute frame positions; prefix_k / prefix_v cached post-RoPE K/V,
         [depth, 1, heads, P, head_dim] or a list of depth [1, heads, P, head_dim] (P may be 0, None = no prefix);
         prefix_mask [1, P] bool, True = valid (for a padded fixed-size prefix; None = all valid).
+        token_frames: the frames of one semantic token when ``tokens`` holds one id per aligned group of that many
+        frames (the detokenizer repeats each 12.5 Hz id x4): the condition c = t_emb + embedding(id) — nothing else
+        in it varies per frame (positions enter through RoPE and the input side only) — and its adaLN modulation
+        (a third of the per-frame FLOPs) are then computed once per group and copied to its frames. Exact for such
+        tokens (the same rows, computed by fewer GEMM rows: equal up to fp32 rounding); wrong for any other.
         Returns (velocity [1, T, input_size], k, v of this chunk [depth, 1, heads, T, head_dim]).
         """
         cfg = self.cfg
@@ -237,7 +254,10 @@ class DiT(nn.Module):
             attn_mask = torch.zeros(valid.shape, dtype=x_t.dtype, device=x_t.device) \
                 .masked_fill(~valid, float("-inf"))[:, None, None, :]
 
-        c = self.t_embedder(t_int)[:, None, :] + self.semantic_token_embedding(tokens)
+        if token_frames < 1:
+            raise ValueError(f"token_frames: expected >= 1, got {token_frames}")
+        group_ids = tokens if token_frames == 1 else tokens[:, ::token_frames]
+        c = self.t_embedder(t_int)[:, None, :] + self.semantic_token_embedding(group_ids)
         x = self.input_linear(x_t)
         if self.position_embedding is not None:
             x = x + self.position_embedding(positions)
@@ -250,10 +270,10 @@ class DiT(nn.Module):
         for i, block in enumerate(self.blocks):
             pk = None if prefix_k is None else prefix_k[i]
             pv = None if prefix_v is None else prefix_v[i]
-            x, k, v = block(x, c, cos, sin, pk, pv, attn_mask)
+            x, k, v = block(x, c, cos, sin, pk, pv, attn_mask, token_frames)
             ks.append(k)
             vs.append(v)
-        return self.final_layer(x, c), torch.stack(ks), torch.stack(vs)
+        return self.final_layer(x, c, token_frames), torch.stack(ks), torch.stack(vs)
 
     forward = step
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Tuple
 
-__all__ = ["StreamingConfig", "MIN_PREFIX_SLOTS", "MIN_CHUNK_FRAMES", "GRAPH_MAX_FRAMES", "dit_frames_max",
+__all__ = ["StreamingConfig", "MIN_PREFIX_SLOTS", "MIN_CHUNK_FRAMES", "GRAPH_TOKEN_FRAMES", "GRAPH_MAX_FRAMES", "dit_frames_max",
            "vocoder_frames_max", "frames_profile", "check_schedule_fits"]
 
 # kimia.py KimiAudio.detokenize_audio: chunk_size = 30 ("hard-coded right now"), first_chunk_size = 30,
@@ -120,6 +120,10 @@ class StreamingConfig:
 MIN_PREFIX_SLOTS = 2
 # Smallest chunk a graph is exported for (a final chunk of one token = 4 frames).
 MIN_CHUNK_FRAMES = 4
+# The DiT step graph takes one semantic id per frame but reads only every GRAPH_TOKEN_FRAMES-th (frames 0, 4, 8, ...
+# of the call): the detokenizer repeats each 12.5 Hz id x4 in aligned groups, so the adaLN condition is computed once
+# per token (export/graphs/dit_step.py). runtime/dit_onnx.py refuses tokens that are not grouped so.
+GRAPH_TOKEN_FRAMES = _UPSAMPLE_FACTOR
 # Largest frames per call the DiT step and vocoder graphs are exported and profiled for: room for chunk growth
 # beyond the official 168 / 252 (a larger schedule is refused on load, see check_schedule_fits).
 GRAPH_MAX_FRAMES = 512
