@@ -72,7 +72,7 @@ def torch_callable(spec: GraphSpec, module: torch.nn.Module, inputs: Sequence[to
     """The reference as the golden pipeline runs it. For the DiT: the step without a mask (the whole prefix is valid;
     the export wrapper always builds a boolean mask, which sends torch's SDPA down its slower math path)."""
     if spec.name == "dit_step":
-        return lambda: module.dit.step(*inputs[:6])
+        return lambda: module.reference.step(*inputs[:6])
     return lambda: module(*inputs)
 
 

@@ -140,7 +140,7 @@ def main() -> None:
         folder = args.onnx_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         onnx_voc = OnnxVocoder(open_file_session(graph(voc_spec, voc, "fp32", folder), args.threads))
-        paths: List[Tuple[str, object, object]] = [(GOLDEN, TorchDitStep(dit.dit), torch_vocoder(voc))]
+        paths: List[Tuple[str, object, object]] = [(GOLDEN, TorchDitStep(dit.reference), torch_vocoder(voc))]
         for precision in args.dit_precisions:
             session = open_file_session(graph(dit_spec, dit, precision, folder), args.threads)
             step = OnnxDitStep(session, cfg.depth, cfg.num_heads, cfg.head_dim)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kimia_edge.export.graphs.base import export_graph
-from kimia_edge.export.graphs.dit_step import GRAPH_TOKEN_FRAMES, MIN_PREFIX, DitStepGraph, grouped_ids
+from kimia_edge.export.graphs.dit_step import GRAPH_TOKEN_FRAMES, MIN_PREFIX, DitStepGraph, FusableTanhGelu, grouped_ids
 from kimia_edge.export.graphs.vocoder import VocoderGraph
 from kimia_edge.export.reference.dit import TorchDitStep
 from kimia_edge.runtime.detokenizer import StreamingDetokenizer
@@ -44,7 +44,7 @@ def graphs(official_fixtures: Path, tmp_path_factory: pytest.TempPathFactory):
     dit_export = export_graph(dit_spec, dit, out / "dit_step.onnx")
     export_graph(voc_spec, voc, out / "vocoder.onnx")
     yield {
-        "cfg": dit.cfg, "module": dit.dit, "export": dit_export, "torch_step": TorchDitStep(dit.dit),
+        "cfg": dit.cfg, "module": dit.reference, "export": dit_export, "torch_step": TorchDitStep(dit.reference),
         "dit_session": open_file_session(out / "dit_step.onnx", threads=1), "torch_vocoder": _torch_vocoder(voc),
         "onnx_vocoder": OnnxVocoder(open_file_session(out / "vocoder.onnx", threads=1)),
     }
@@ -131,6 +131,27 @@ def test_per_token_adaln_equals_the_reference_at_every_euler_step(graphs) -> Non
     # (frames, prefix frames): chunk 0 and its priming, chunk 1 (48 look-ahead + 120) and its priming, final 48 + 60
     assert sorted({(frames, prefix) for _, frames, prefix in calls}) == [(72, 0), (108, 192), (120, 0), (120, 72),
                                                                          (168, 72)]
+
+
+def test_fusable_gelu_is_the_tanh_gelu() -> None:
+    x = torch.linspace(-8, 8, 10001)
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    assert (FusableTanhGelu()(x) - ref).abs().max().item() <= 4 * np.spacing(np.float32(8))
+
+
+def test_ort_fuses_the_gelus(graphs, tmp_path: Path) -> None:
+    """ONNX Runtime's CPU optimisation turns every block's MLP activation (and fc1's bias) into one FastGelu; the
+    LayerNorms are exported as LayerNormalization (docs/benchmarks.md lists what fires and what does not)."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(graphs["export"].path), sess_options=so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    depth = graphs["cfg"].depth
+    assert ops.count("FastGelu") == depth and "Tanh" not in ops
+    assert ops.count("LayerNormalization") + ops.count("SkipLayerNormalization") == 2 * depth + 1
 
 
 def test_graph_refuses_tokens_not_grouped_by_token(graphs) -> None:

@@ -27,6 +27,8 @@ fixed-window runtime (e.g. a static-shape engine) reuse the same graph with P = 
 """
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -54,13 +56,34 @@ _DEFAULT_PREFIX = (64, 64)
 _MAX_START_POSITION = 2000  # example chunks start anywhere in the first half of the 4096 RoPE positions
 
 
+class FusableTanhGelu(torch.nn.Module):
+    """GELU, tanh approximation, as (x·0.5)·(1 + tanh(√(2/π)·(x + 0.044715·x³))): nn.GELU(approximate="tanh")'s
+    function up to fp32 rounding, in the operand order ONNX Runtime's FastGeluFusion matches — one FastGelu kernel
+    that also takes fc1's bias, where the exporter's form of nn.GELU, x·(0.5·(1 + tanh(…))), stays 8 elementwise
+    nodes and a bias Add per block (bench/ort_fusions.py, docs/benchmarks.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * 0.5) * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def export_form(dit: DiT) -> DiT:
+    """The DiT as exported: new module objects sharing ``dit``'s parameter and buffer tensors (nothing copied), the
+    MLP activations as FusableTanhGelu. ``dit`` itself stays the reference."""
+    shared = {id(t): t for t in (*dit.parameters(), *dit.buffers())}
+    out = copy.deepcopy(dit, memo=shared)
+    for block in out.blocks:
+        block.mlp.act = FusableTanhGelu()
+    return out
+
+
 class DitStepModule(torch.nn.Module):
-    """Wraps DiT.step with a valid-length input instead of a boolean mask, and the condition per token
-    (``token_frames`` = GRAPH_TOKEN_FRAMES)."""
+    """Wraps DiT.step with a valid-length input instead of a boolean mask, the condition per token
+    (``token_frames`` = GRAPH_TOKEN_FRAMES) and the fusable GELU form. ``reference``: the DiT as given (golden path)."""
 
     def __init__(self, dit: DiT) -> None:
         super().__init__()
-        self.dit = dit
+        self.dit = export_form(dit)
+        self.__dict__["reference"] = dit  # not a submodule: its tensors are dit's, registered once
         self.cfg = dit.cfg
 
     def forward(self, x_t: torch.Tensor, t_int: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,

@@ -131,11 +131,11 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 def per_frame(rows: torch.Tensor, group: int, frames: int) -> torch.Tensor:
     """[B, G, C] rows, one per aligned group of ``group`` frames -> [B, frames, C]: each row copied to its group's
-    frames (the last group may be partial). Copies, no arithmetic: exact."""
+    frames (the last group may be partial). Copies, no arithmetic: exact. One gather (frame f takes row f // group):
+    in ONNX one copy, where expand + reshape + slice made two."""
     if group == 1:
         return rows
-    b, g, ch = rows.shape
-    return rows[:, :, None, :].expand(b, g, group, ch).reshape(b, g * group, ch)[:, :frames]
+    return rows.index_select(1, torch.arange(frames, device=rows.device) // group)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
