@@ -6,8 +6,8 @@ the graph's dtype and layout (the state machine's always do); the prefix K/V is 
 the state machine hands the same two arrays to every call of a chunk — by copying it into a buffer kept from the
 previous chunk (no copy at all when it is already contiguous float32); t_int and prefix_len live in two reused
 1-element arrays. The outputs are ONNX Runtime's own arrays, which the caller keeps.
-The graph reads one token id per aligned group of GRAPH_TOKEN_FRAMES frames (the adaLN condition per token); every
-call checks that ``tokens`` is grouped so (~2 µs), as the detokenizer's x4-repeated ids always are.
+The graph reads one token id per aligned group of GRAPH_TOKEN_FRAMES frames (the adaLN condition per token); each
+new ``tokens`` array (one per chunk) is checked to be grouped so, as the detokenizer's x4-repeated ids always are.
 An empty prefix (first chunk) becomes the MIN_PREFIX_SLOTS masked slots the graph expects (export/graphs/dit_step.py).
 """
 from __future__ import annotations
@@ -63,6 +63,7 @@ class OnnxDitStep:
         self._prefix_len = np.zeros(1, np.int64)
         # the caller's prefix arrays seen last, and their graph-ready forms
         self._src: Tuple[Optional[np.ndarray], Optional[np.ndarray]] = (None, None)
+        self._checked_tokens: Optional[np.ndarray] = None
         self._kv: Tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.float32), np.zeros(0, np.float32))
         # copy targets by prefix length (steady state: one entry, the full window)
         self._buffers: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
@@ -102,7 +103,9 @@ class OnnxDitStep:
         if prefix_k is not self._src[0] or prefix_v is not self._src[1]:
             self._graph_prefix(prefix_k, prefix_v)
             self._src = (prefix_k, prefix_v)
-        check_grouped_tokens(tokens)
+        if tokens is not self._checked_tokens:  # one array per chunk: checked once, not at every Euler step
+            check_grouped_tokens(tokens)
+            self._checked_tokens = tokens
         self._t_int[0] = np.asarray(t_int).reshape(-1)[0]
         velocity, k, v = self.session.run(dict(zip(_DIT_INPUTS, (
             np.ascontiguousarray(x_t, np.float32), self._t_int, np.ascontiguousarray(tokens, np.int64),
@@ -111,7 +114,7 @@ class OnnxDitStep:
 
     def reset(self) -> None:
         """Drops the references to the last prefix (frees its memory between utterances)."""
-        self._src = (None, None)
+        self._src, self._checked_tokens = (None, None), None
         self._kv = (np.zeros(0, np.float32), np.zeros(0, np.float32))
         self._buffers.clear()
 

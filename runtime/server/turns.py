@@ -135,9 +135,8 @@ async def _run_in_thread(conversation: Conversation, samples: np.ndarray, sample
         gen = conversation.turn(samples, sample_rate_hz, task, config=config, seed=seed)
         try:
             for event in gen:
-                if stop.is_set():  # ran to its end as cancelled: the conversation records what was said
-                    conversation.cancel()
-                    continue
+                if stop.is_set():  # closing the turn below cancels it; the conversation still records what was said
+                    break
                 put(event)
         except BaseException as exc:  # handed to the event loop, raised there
             put(_Failed(exc))
