@@ -29,7 +29,8 @@ from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, onnx_precision
 
 __all__ = ["ENGINES_SUBDIR", "DEFAULT_WORKSPACE_BYTES", "EngineUnavailable", "GpuIdentity", "EngineTarget",
            "EngineBuildConfig", "builder_flags", "buildable_precisions", "engine_cache_key", "onnx_digest",
-           "engines_dir", "engine_config", "engine_path", "engine_target", "engine_runtime_missing", "build_engine"]
+           "engines_dir", "engine_config", "engine_path", "engine_target", "engine_runtime_missing", "build_engine",
+           "cuda_runtime"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ def engine_path(artifact: Artifact, cache_root: Optional[Path], trt_version: str
     return engines_dir(cache_root) / f"{artifact.name}.{key}.engine"
 
 
-def _cudart() -> Any:
+def cuda_runtime() -> Any:
     """cuda-python's runtime API (``cuda.bindings.runtime`` since 12.6, ``cuda.cudart`` before)."""
     try:
         from cuda.bindings import runtime as cudart
@@ -150,7 +151,7 @@ def engine_runtime_missing() -> Optional[str]:
     except (ImportError, OSError) as exc:  # OSError: bindings installed without libnvinfer
         return f"TensorRT is not installed ({exc})"
     try:
-        _cudart()
+        cuda_runtime()
     except (ImportError, OSError) as exc:
         return f"cuda-python is not installed ({exc})"
     return None
@@ -158,7 +159,7 @@ def engine_runtime_missing() -> Optional[str]:
 
 def current_gpu() -> GpuIdentity:
     """The GPU this process builds for and runs on (device 0); EngineUnavailable if there is none."""
-    cudart = _cudart()
+    cudart = cuda_runtime()
     err, props = cudart.cudaGetDeviceProperties(0)
     if int(err) != 0:
         raise EngineUnavailable(f"no CUDA GPU is visible (cudaGetDeviceProperties: error {err})")

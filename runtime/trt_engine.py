@@ -25,8 +25,10 @@ class TrtEngineSession:
 
     def __init__(self, engine_path: Path) -> None:
         import tensorrt as trt
-        from cuda import cudart
 
+        from kimia_edge.runtime.engines import cuda_runtime
+
+        cudart = cuda_runtime()  # cuda-python 13 has no ``cuda.cudart``: the engines module finds either layout
         self._trt, self._cudart = trt, cudart
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
