@@ -36,9 +36,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 
@@ -49,7 +50,7 @@ from .bundle import ArtifactOpenError, unopenable
 from .llm_backend import StepLogits
 from .spec.gguf import ADAPTOR_TENSORS, CONTEXT_LENGTH_KEY, KIMIA_KEYS
 
-__all__ = ["LlamaCppBackend", "LlamaModel", "HiddenCapture", "NativeHiddenCapture", "make_capture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
+__all__ = ["LlamaCppBackend", "LlamaModel", "llama_log_capture", "HiddenCapture", "NativeHiddenCapture", "make_capture", "GGUFModelInfo", "read_model_info", "EmbeddingTable",
            "FeatureAdaptor",
            "LlamaCppError"]
 
@@ -242,6 +243,26 @@ def _init_backend() -> ctypes.CDLL:
     if _GGML is None:
         _GGML = _ggml_base()
     return _GGML
+
+
+@contextmanager
+def llama_log_capture() -> Iterator[List[str]]:
+    """Collects every piece of text llama.cpp logs while inside, at every level (e.g. ``load_tensors: offloaded
+    29/29 layers to GPU``), into the yielded list; afterwards its log is quiet again (its own, on stderr, with
+    ``KIMIA_LLAMA_VERBOSE``). bench/gpu_check.py reads the offloaded layer count from it."""
+    _init_backend()
+    pieces: List[str] = []
+
+    def keep(level: int, text: bytes, user_data) -> None:
+        if text:
+            pieces.append(text.decode("utf-8", "replace"))
+
+    callback = llama.llama_log_callback(keep)  # referenced until llama.cpp stops calling it
+    llama.llama_log_set(callback, None)
+    try:
+        yield pieces
+    finally:
+        llama.llama_log_set(None if os.environ.get("KIMIA_LLAMA_VERBOSE") else _LOG_CB, None)
 
 
 class HiddenCapture:

@@ -149,6 +149,7 @@ def open_session(
     cache_dir: Optional[Path] = None,
     strict: bool = False,
     prepack: bool = True,
+    profile_prefix: Optional[str] = None,
 ) -> Session:
     """Opens ``artifact`` of the bundle at ``bundle_root`` on the best provider ``device`` allows.
 
@@ -159,6 +160,10 @@ def open_session(
     ``cache_dir``: the cache root (default ``default_cache_dir()``): engines in ``engines/``, the TensorRT EP's
     caches in ``trt-ep/``. Logs the provider it got at INFO, and every fallback at WARNING with the reason; with
     ``strict`` a fallback from the first planned provider raises ProviderUnavailable instead.
+
+    ``profile_prefix``: ONNX Runtime sessions record a per-node profile (each node with the provider that ran it) to
+    a JSON file whose name starts with it; ``session.impl.end_profiling()`` returns its path (bench/gpu_check.py
+    reads it to refuse a silent CPU fallback node by node).
     """
     import onnxruntime as ort
 
@@ -188,6 +193,9 @@ def open_session(
         so.inter_op_num_threads = 1
     if not prepack:  # the memory-mapped weights are used as they lie: opens in ~0.1 s instead of seconds per GB
         so.add_session_config_entry("session.disable_prepacking", "1")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     if TRT_EP in plan:
         try:
             (cache_root / TRT_EP_SUBDIR).mkdir(parents=True, exist_ok=True)
