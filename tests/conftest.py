@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -80,6 +82,19 @@ def sounddevice_module():
     except OSError as e:
         pytest.skip(f"PortAudio is not installed ({e}); Debian/Ubuntu: apt-get install libportaudio2")
     return sounddevice
+
+
+@pytest.fixture(scope="session")
+def bench_module() -> Callable[[str], Any]:
+    """Loads ``bench/<name>.py`` as a module (bench/ is not a package): ``bench_module("vad")``."""
+    def load(name: str) -> Any:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load
 
 
 def has_build_extra() -> bool:

@@ -3,12 +3,10 @@ with CPUExecutionProvider as the expected provider, every GPU path asked for her
 fallback (not passed), and the shell script stops at its first step. Timings are printed, never asserted."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,12 +20,8 @@ CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", REPO / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def gpu_check(bench_module):
+    return bench_module("gpu_check")
 
 
 def _no_gpu_here() -> None:
