@@ -436,7 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", choices=tuple(DEVICE_PATHS), default="gpu", help="which set of paths to run")
     parser.add_argument("--paths", nargs="+", choices=ALL_PATHS, help="these paths instead of the device's set")
     parser.add_argument("--precisions", nargs="+", choices=tuple(ONNX_TOLERANCE), default=["fp32", "fp16"])
-    parser.add_argument("--work", type=Path, default=Path("gpu-check-work"), help="caches and ORT profiles")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache/kimia-edge/gpu-check/check",
+                        help="caches and ONNX Runtime profiles")
     parser.add_argument("--steps", type=int, default=100, help="LLM steps per spoken turn")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per graph (median)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="rows not started by then fail")

@@ -13,11 +13,11 @@
 # Steps 2-3 have a time budget (GPU_CHECK_BUDGET_S, default 480 s); the install has its own (llama.cpp's CUDA
 # build takes minutes). Exits non-zero on any failure.
 #
-#   bash bench/gpu_check.sh            # env: GPU_CHECK_DIR (default ./gpu-check), GPU_CHECK_BUDGET_S, PYTHON
+#   bash bench/gpu_check.sh   # env: GPU_CHECK_DIR (default ~/.cache/kimia-edge/gpu-check), GPU_CHECK_BUDGET_S, PYTHON
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-WORK=${GPU_CHECK_DIR:-$REPO/gpu-check}
+WORK=${GPU_CHECK_DIR:-$HOME/.cache/kimia-edge/gpu-check}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 INSTALL_BUDGET_S=${GPU_CHECK_INSTALL_BUDGET_S:-2700}
 VENV=$WORK/venv
@@ -72,7 +72,7 @@ echo "onnxruntime-gpu is built for CUDA $CUDA_MAJOR"
 within $INSTALL_END "$PY" -m pip install -q --extra-index-url "$NVIDIA_INDEX" \
   "tensorrt-cu$CUDA_MAJOR>=10,<11" "cuda-python>=$CUDA_MAJOR,<$(( CUDA_MAJOR + 1 ))"
 # ORT's TensorRT EP dlopens libnvinfer: put the wheels' library folders on the loader path
-LIBS=$("$PY" -c "import glob, os, site; d = site.getsitepackages()[0]; print(':'.join(glob.glob(d + '/tensorrt_libs') + glob.glob(d + '/nvidia/*/lib')))")
+LIBS=$("$PY" -c "import glob, site; d = site.getsitepackages()[0]; print(':'.join(glob.glob(d + '/tensorrt_libs') + glob.glob(d + '/nvidia/*/lib')))")
 export LD_LIBRARY_PATH=$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 "$PY" -c "import llama_cpp, onnxruntime, tensorrt; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers()); print('tensorrt', tensorrt.__version__); print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload())"
 
