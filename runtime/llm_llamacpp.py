@@ -225,8 +225,9 @@ _BACKEND_READY = False
 
 
 def _forward_log(level: int, text: bytes, user_data) -> None:
-    # llama.cpp's own levels: 2 = WARN, 3 = ERROR (ggml_log_level); everything else stays quiet
-    if level in (2, 3) and text:
+    # ggml_log_level in the ggml.h llama-cpp-python ships: 3 = WARN, 4 = ERROR (llama_cpp/_logger.py's comment,
+    # 2 = WARN, is an older ggml); everything else stays quiet
+    if level in (3, 4) and text:
         log.debug("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
