@@ -26,9 +26,16 @@ import numpy as np
 __all__ = ["flip_rate", "token_agreement", "agreement_length", "wer", "cosine", "snr_db", "rel_l2", "log_softmax64",
            "kld_rows", "bootstrap_ci", "head_quality", "DELTA_P_PERCENTILES", "mel_l1", "log_spectral_distance",
            "log_spectral_distance_log", "stft_magnitude", "STFT_RESOLUTIONS", "multi_resolution_stft_distance",
-           "pesq_wb", "stoi", "resample"]
+           "pesq_wb", "stoi", "resample", "l2"]
 
 DB_PER_NEPER = 20.0 / math.log(10.0)  # an amplitude ratio of e, in dB
+
+
+def l2(x: np.ndarray) -> float:
+    """Euclidean (Frobenius) norm by numpy's pairwise summation: the same bits at any BLAS thread count
+    (``np.linalg.norm`` of a whole array is a BLAS dot, whose threaded sum changes the last bits with
+    OMP_NUM_THREADS, e.g. in a Ray worker)."""
+    return float(np.sqrt(np.sum(np.square(np.asarray(x, dtype=np.float64)))))
 
 
 def _pair(ref: np.ndarray, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -106,7 +113,7 @@ def snr_db(ref: np.ndarray, x: np.ndarray) -> float:
 def rel_l2(ref: np.ndarray, x: np.ndarray) -> float:
     """||x - ref|| / ||ref|| (the exporter's error measure)."""
     a, b = _pair(ref, x)
-    return float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-300))
+    return float(l2(b - a) / max(l2(a), 1e-300))
 
 
 # ---------------------------------------------------------------------------------------------------- logits
@@ -229,7 +236,7 @@ def multi_resolution_stft_distance(ref_wav: np.ndarray, wav: np.ndarray,
     sc, mag = [], []
     for n_fft, hop, win in resolutions:
         sa, sb = stft_magnitude(a, n_fft, hop, win), stft_magnitude(b, n_fft, hop, win)
-        sc.append(np.linalg.norm(sa - sb) / max(np.linalg.norm(sa), 1e-300))
+        sc.append(l2(sa - sb) / max(l2(sa), 1e-300))
         mag.append(np.mean(np.abs(np.log(np.maximum(sa, eps)) - np.log(np.maximum(sb, eps)))))
     out = {"spectral_convergence": float(np.mean(sc)), "log_magnitude": float(np.mean(mag))}
     out["total"] = out["spectral_convergence"] + out["log_magnitude"]
@@ -252,14 +259,14 @@ def pesq_wb(ref_wav: np.ndarray, wav: np.ndarray, rate_hz: int) -> Optional[floa
     """Wide-band PESQ (ITU-T P.862.2, MOS-LQO 1.0 to 4.64) of ``wav`` against ``ref_wav``, both resampled to 16 kHz.
     None when PESQ finds no utterance (silence, or shorter than about a quarter second)."""
     from pesq import pesq
-    from pesq.cypesq import NoUtterancesError
+    from pesq.cypesq import BufferTooShortError, NoUtterancesError
 
     a, b = resample(ref_wav, rate_hz, 16000), resample(wav, rate_hz, 16000)
     if not np.any(a) or not np.any(b):  # pesq normalises by the peak: all zeros would divide by zero
         return None
     try:
         return float(pesq(16000, a, b, "wb"))
-    except NoUtterancesError:
+    except (NoUtterancesError, BufferTooShortError):
         return None
 
 

@@ -113,6 +113,12 @@ def test_multi_resolution_stft_distance():
     assert 0 < noisy["total"] < half["total"] * 2
 
 
+def test_l2_is_the_euclidean_norm():
+    assert m.l2(np.array([3.0, 4.0])) == 5.0
+    x = np.random.default_rng(1).standard_normal((300, 513))
+    assert m.l2(x) == pytest.approx(float(np.linalg.norm(x)), rel=1e-13)
+
+
 def test_pesq_and_stoi_on_real_speech(shared_audio):
     pytest.importorskip("pesq")
     pytest.importorskip("pystoi")
@@ -129,3 +135,4 @@ def test_pesq_and_stoi_on_real_speech(shared_audio):
     up, up_noisy = m.resample(wav, 16000, 24000), m.resample(wav + noise, 16000, 24000)
     assert m.pesq_wb(up, up_noisy, 24000) == pytest.approx(degraded_pesq, abs=0.3)
     assert m.pesq_wb(np.zeros(16000), np.zeros(16000), 16000) is None  # no utterance in silence
+    assert m.pesq_wb(wav[:3200], wav[:3200], 16000) is None  # 0.2 s: shorter than PESQ's quarter second
