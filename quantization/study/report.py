@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from kimia_edge.quantization.study import metrics as M
+from kimia_edge.quantization.study.cost import cost_markdown, cost_summary, plot_rtf
 
 __all__ = ["HEADLINE", "build_report", "write_report", "replot", "markdown"]
 
@@ -34,6 +35,7 @@ HEADLINE: Dict[str, tuple] = {
     "vocoder": (("mrstft", "total"), "multi-resolution STFT distance"),
     "llm.text": (("heads", "text", "mean_kld", "value"), "text head mean KLD (nats)"),
     "llm.audio": (("heads", "audio", "mean_kld", "value"), "audio head mean KLD (nats)"),
+    "e2e": (("speech_mrstft", "total"), "multi-resolution STFT distance of the answer's speech"),
 }
 _COLUMNS: Dict[str, Sequence[tuple]] = {  # component -> (metric path, column title, format)
     "whisper_encoder": ((("cosine",), "cosine", ".6f"), (("snr_db",), "SNR dB", ".1f"), (("rel_l2",), "rel L2", ".3g")),
@@ -43,8 +45,11 @@ _COLUMNS: Dict[str, Sequence[tuple]] = {  # component -> (metric path, column ti
     "dit_step": ((("mel_l1",), "mel L1", ".4g"), (("lsd_db",), "LSD dB", ".3g"), (("snr_db",), "mel SNR dB", ".1f"),
                  (("step_snr_db",), "step SNR dB", ".1f")),
     "vocoder": ((("snr_db",), "SNR dB", ".1f"), (("mrstft", "total"), "MR-STFT", ".4g")),
+    "e2e": ((("wer",), "WER", ".3f"), (("audio_token_agreement",), "audio tokens", ".3f"),
+            (("text_token_agreement",), "text tokens", ".3f"), (("greedy_agreement_steps",), "greedy steps", ".1f"),
+            (("speech_mrstft", "total"), "speech MR-STFT", ".4g"), (("pesq",), "PESQ", ".2f"), (("stoi",), "STOI", ".3f")),
 }
-_COMPONENT_ORDER = ("whisper_encoder", "vq_encoder", "adaptor", "dit_step", "vocoder", "llm")
+_COMPONENT_ORDER = ("whisper_encoder", "vq_encoder", "adaptor", "dit_step", "vocoder", "llm", "e2e")
 
 
 def _get(d: Any, path: Sequence[str]) -> Optional[float]:
@@ -103,6 +108,8 @@ def build_report(out: Path) -> Dict[str, Any]:
             for path, _, _ in _COLUMNS.get(component, ()):
                 row[".".join(path)] = _summary([_get(c["metrics"], path) for c in cs])
             row["headline"] = _summary([_get(c["metrics"], HEADLINE[component][0]) for c in cs])["mean"]
+            if component == "e2e":
+                row["cost"] = cost_summary(cs)
             if component == "dit_step":
                 row["chunks_mel_l1"] = [[ch["mel_l1"] for ch in c["metrics"]["chunks"]] for c in cs]
         rows[component][variant] = row
@@ -173,6 +180,10 @@ def markdown(report: Dict[str, Any]) -> str:
                          + " | ".join(_fmt(r.get(".".join(p)), f) for p, _, f in cols)
                          + f" | {r['seconds']['mean']:.3g} | {verdict} |")
         lines.append("")
+        if component == "e2e":
+            from kimia_edge.quantization.study.end_to_end import REPORT_NOTE
+
+            lines += [REPORT_NOTE, ""] + cost_markdown(variants)
     if "llm" in report["components"]:
         lines += ["## LLM (GGUF)", "", "KLD = KL(F32 ‖ variant) in nats per position; top-1 = the two argmaxes agree "
                   "(llama.cpp's \"same top p\"); Δp = p_variant − p_F32 of the F32 top token; greedy = steps of a free "
@@ -211,6 +222,8 @@ def _plot_names(report: Dict[str, Any]) -> List[str]:
         names.append("kld_hist.png")
     if "dit_step" in report["components"]:
         names.append("dit_chunks.png")
+    if any(r.get("cost") for r in report["components"].get("e2e", {}).values()):
+        names.append("pareto_e2e_rtf.png")
     return names
 
 
@@ -274,7 +287,7 @@ def plot(report: Dict[str, Any], folder: Path) -> List[Path]:
         written.append(folder / "dit_chunks.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    return written
+    return written + plot_rtf(report, folder, label)
 
 
 def _write_outputs(report: Dict[str, Any], out: Path) -> None:

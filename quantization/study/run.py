@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from kimia_edge.quantization.study import metrics as M
-from kimia_edge.quantization.study.spec import (LLM, Cell, StudyVariant, cell_list, clip_id, llm_rows,
+from kimia_edge.quantization.study.spec import (E2E, LLM, Cell, StudyVariant, cell_list, clip_id, llm_rows,
                                                 parse_variants, split)
 from kimia_edge.runtime.fileio import atomic_write
 
@@ -218,7 +218,7 @@ def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence
     for name in graphs:
         _fp32_graph(paths, snapshot, name, bundle)
     for v in variants:
-        if v.component == LLM or v.floor or paths.graph(v.component, v.name).exists() or _unavailable(paths, v):
+        if v.component in (LLM, E2E) or v.floor or paths.graph(v.component, v.name).exists() or _unavailable(paths, v):
             continue
         from kimia_edge.export.graphs import graph_spec
 
@@ -445,7 +445,12 @@ def compute_cell(out: str, snapshot: str, cell: Cell, pooled: bool) -> str:
 
     torch.set_num_threads(REFERENCE_TORCH_THREADS)
     paths = StudyPaths(Path(out))
-    result = llm_cell(paths, cell) if cell.variant.component == LLM else graph_cell(paths, Path(snapshot), cell)
+    if cell.variant.component == E2E:
+        from kimia_edge.quantization.study.end_to_end import e2e_cell
+
+        result = e2e_cell(paths, cell)
+    else:
+        result = llm_cell(paths, cell) if cell.variant.component == LLM else graph_cell(paths, Path(snapshot), cell)
     result.update(component=cell.variant.component, variant=cell.variant.name, floor=cell.variant.floor,
                   clip=cell.clip, pooled=pooled, version=STUDY_VERSION)
     write_json(paths.cell(cell), result)
@@ -517,6 +522,9 @@ def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str]
     prepare_graph_references(paths, snapshot, graphs, clips16k)
     prepare_graph_variants(paths, snapshot, chosen, clips16k, bundle)
     prepare_llm(paths, snapshot, chosen, clip_paths, steps)
+    from kimia_edge.quantization.study.end_to_end import prepare as prepare_end_to_end
+
+    prepare_end_to_end(paths, snapshot, chosen, clips16k, steps, bundle)
     log.info("prepared in %.1f s", time.perf_counter() - start)
 
     cells = [c for c in cell_list(chosen, list(clip_paths)) if not paths.cell(c).exists()]

@@ -8,6 +8,8 @@ registry precision for every graph and every LLM row.
 The noise floor is always measured for each component a study touches and needs no spec: ``fp32`` (ONNX Runtime's
 fp32 export vs the torch reference) and ``torch_threads`` (the torch reference with a second thread count vs
 itself) per graph, ``F32_threads`` (the F32 GGUF with another thread count vs itself) for the LLM.
+
+End-to-end mixes (``e2e:ONNX_SPEC@GGUF_ROW``, the component "e2e") and their floors: end_to_end.py.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from typing import List, Optional, Sequence, Tuple
 from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
 from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
 
-__all__ = ["StudyVariant", "LLM", "FLOOR_GRAPH", "FLOOR_LLM", "parse_variants", "llm_rows", "slug", "clip_id",
-           "Cell", "cell_list"]
+__all__ = ["StudyVariant", "LLM", "E2E", "FLOOR_GRAPH", "FLOOR_LLM", "FLOOR_E2E", "parse_variants", "llm_rows",
+           "slug", "clip_id", "Cell", "cell_list"]
 
 LLM = "llm"
 FLOOR_GRAPH = ("fp32", "torch_threads")
 FLOOR_LLM = ("F32_threads",)
-_ORDER = (*ONNX_GRAPHS, LLM)
+E2E = "e2e"
+FLOOR_E2E = ("fp32@F32", "noise_seed")  # end_to_end.py: the runtime at full precision; another noise seed
+_ORDER = (*ONNX_GRAPHS, LLM, E2E)
 
 
 def slug(name: str) -> str:
@@ -51,7 +55,7 @@ class StudyVariant:
 
     @property
     def floor(self) -> bool:
-        return self.name in FLOOR_GRAPH + FLOOR_LLM
+        return self.name in FLOOR_GRAPH + FLOOR_LLM + FLOOR_E2E
 
     @property
     def label(self) -> str:
@@ -71,10 +75,13 @@ def _gguf_row(name: str) -> str:
 
 def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
     """The measured variants of ``spec`` (see the module doc) plus the floor of every component they touch, sorted."""
-    chosen = set()
-    if not spec or not spec.strip():
+    from kimia_edge.quantization.study.end_to_end import DEFAULT_MIXES, extract_mixes
+
+    spec, mixes = extract_mixes(spec)
+    chosen = {StudyVariant(E2E, m) for m in mixes}
+    if not spec and not mixes:
         chosen |= {StudyVariant(g, p) for g in ONNX_GRAPHS for p in PRECISION_NAMES if p != "fp32"}
-        chosen |= {StudyVariant(LLM, s) for s in llm_rows()[0]}
+        chosen |= {StudyVariant(LLM, s) for s in llm_rows()[0]} | {StudyVariant(E2E, m) for m in DEFAULT_MIXES}
     else:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             component, _, name = item.rpartition("=")
@@ -88,7 +95,8 @@ def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
             else:
                 chosen |= {StudyVariant(g, name) for g in ([component] if component else ONNX_GRAPHS)}
     for component in {v.component for v in chosen}:
-        chosen |= {StudyVariant(component, f) for f in (FLOOR_LLM if component == LLM else FLOOR_GRAPH)}
+        floors = {LLM: FLOOR_LLM, E2E: FLOOR_E2E}.get(component, FLOOR_GRAPH)
+        chosen |= {StudyVariant(component, f) for f in floors}
     return sorted(chosen, key=lambda v: (_ORDER.index(v.component), not v.floor, v.name))
 
 
