@@ -111,7 +111,7 @@ def _study(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"study: {', '.join('--' + m for m in missing)} required (or --replot REPORT)")
     counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
-                       bundle=args.bundle)
+                       bundle=args.bundle, ray=args.ray)
     report = write_report(args.out)
     print(f"{counts['computed']} cells measured, {counts['reused']} reused from an earlier run")
     print(f"report: {args.out / 'report.md'} ({report['header']['label']})")
@@ -153,6 +153,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                                           "(default: every precision the registry knows for every graph, every GGUF "
                                           "row, and three end-to-end mixes: docs/quantization.md)")
     study.add_argument("--jobs", type=int, default=1, help="cells measured in parallel (process pool; same numbers)")
+    study.add_argument("--ray", metavar="ADDRESS", help="measure the cells on this Ray cluster (ray://host:10001, "
+                                                        "auto) or on a Ray instance started for the run ('local', "
+                                                        "--jobs CPUs); the workers must see --out")
     study.add_argument("--steps", type=int, default=64, help="greedy F32 steps of the LLM reference stream per clip")
     study.add_argument("--bundle", type=Path, help="take the fp32 graphs from this bundle of the same snapshot "
                                                    "instead of exporting them")

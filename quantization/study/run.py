@@ -494,9 +494,10 @@ def load_cells(out: Path) -> List[Dict[str, Any]]:
 
 def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str] = None, jobs: int = 1,
               steps: int = 64, bundle: Optional[Path] = None, progress: bool = True,
-              on_cell: Optional[Callable[[str], None]] = None) -> Dict[str, int]:
+              on_cell: Optional[Callable[[str], None]] = None, ray: Optional[str] = None) -> Dict[str, int]:
     """Prepares what is missing (graphs, GGUFs, references), then measures every cell not stored yet.
-    ``on_cell(key)`` is called after each stored cell (tests interrupt a run with it). Returns counts."""
+    ``on_cell(key)`` is called after each stored cell (tests interrupt a run with it). ``ray``: run the cells on
+    that Ray cluster (or "local": ray_pool.py) instead of here. Returns counts."""
     from tqdm import tqdm
 
     from kimia_edge.runtime.frontend import load_audio, to_16k_mono
@@ -532,7 +533,15 @@ def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str]
     done = 0
     bar = tqdm(total=len(cells), desc="study cells", unit="cell", disable=not progress)
     try:
-        if jobs <= 1:
+        if ray:
+            from kimia_edge.quantization.study.ray_pool import run_cells
+
+            for key in run_cells(ray, str(out), str(snapshot), cells, jobs if jobs > 1 else 0):
+                done += 1
+                bar.update()
+                if on_cell:
+                    on_cell(key)
+        elif jobs <= 1:
             for cell in cells:
                 bar.set_postfix_str(cell.key, refresh=False)
                 key = compute_cell(str(out), str(snapshot), cell, False)

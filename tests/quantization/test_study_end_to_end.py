@@ -1,5 +1,5 @@
 """End-to-end cells of `kimia-edge study`: the mix syntax, known answers of the turn comparison, and one mix on one
-clip of the tiny snapshot."""
+clip of the tiny snapshot (serial, then the same cells on a local Ray instance: same numbers)."""
 from __future__ import annotations
 
 import json
@@ -51,8 +51,14 @@ def test_compare_turns_known_answers():
     assert silent["wer"] == 1.0 and silent["pesq"] is None and silent["stoi"] is None
 
 
-def test_tiny_end_to_end_cells(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
-    """One mix on one clip, 12 greedy steps: the mix, its two floors, the cost, the report."""
+def _metrics(out: Path) -> dict:
+    return {p.name: json.loads(p.read_text())["metrics"] for p in sorted((out / "cells").glob("*.json"))}
+
+
+def test_tiny_end_to_end_cells_serial_and_on_ray(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
+    """One mix on one clip, 12 greedy steps: the mix, its two floors, the cost, the report; then the same cells on a
+    local Ray instance (2 CPUs) give the same numbers."""
+    pytest.importorskip("ray", reason="--ray needs Ray (the test and study extras install it)")
     from kimia_edge.quantization.study.end_to_end import bundle_dir
     from kimia_edge.quantization.study.report import write_report
     from kimia_edge.quantization.study.run import StudyPaths, run_study
@@ -82,3 +88,9 @@ def test_tiny_end_to_end_cells(tiny_snapshot, tiny_bundle, shared_audio, tmp_pat
     text = (out / "report.md").read_text()
     assert "## e2e" in text and "| noise_seed |" in text and "RTF DiT" in text
     assert (out / "pareto_e2e.png").stat().st_size > 0 and (out / "pareto_e2e_rtf.png").stat().st_size > 0
+
+    on_ray = tmp_path / "ray"
+    shutil.copytree(out, on_ray, ignore=shutil.ignore_patterns("cells"))
+    assert run_study(tiny_snapshot, audio, on_ray, jobs=2, ray="local", **kw)["computed"] == 3
+    assert _metrics(on_ray) == _metrics(out)
+    assert all(json.loads(p.read_text())["pooled"] for p in (on_ray / "cells").glob("*.json"))
