@@ -149,7 +149,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     study.add_argument("--snapshot", type=Path, help="snapshot folder (the reference)")
     study.add_argument("--audio", type=Path, help="folder of speech files (any rate, any channels)")
     study.add_argument("--out", type=Path, help="report folder; a re-run resumes what is stored there")
-    study.add_argument("--variants", help="e.g. 'fp16,dit_step=int8_dynamic,llm=Q8_0,e2e:fp32,dit_step=int8_dynamic@Q4_K_M' "
+    study.add_argument("--variants", help="e.g. 'fp16,dit_step=int8_dynamic,llm=Q8_0,"
+                                          "e2e:fp32,dit_step=int8_dynamic@Q4_K_M' "
                                           "(default: every precision the registry knows for every graph, every GGUF "
                                           "row, and three end-to-end mixes: docs/quantization.md)")
     study.add_argument("--jobs", type=int, default=1, help="cells measured in parallel (process pool; same numbers)")

@@ -34,7 +34,7 @@ def turn_cost(turn: Dict[str, Any], bundle: Path, onnx: str, row: str) -> Dict[s
            "llm": (1.0 / m["llm_steps_per_s"]) / step_s if m["llm_steps_per_s"] else None,
            "dit": turn["seconds"].get("dit", 0.0) / out_s if out_s else None,
            "vocoder": turn["seconds"].get("vocoder", 0.0) / out_s if out_s else None}
-    return {"bytes": sum(a.bytes for a in opened.values()), "seconds": m["encode_s"] + m["prefill_s"],
+    return {"bytes": sum(a.bytes for a in opened.values()), "seconds": turn["turn_s"],
             "rtf": rtf, "peak_rss_mib": turn["peak_rss_mib"], "open_s": turn["open_s"],
             "threads": DEPLOYMENT_THREADS, "first_audio_s": m["first_audio_s"], "llm_steps_per_s": m["llm_steps_per_s"],
             "providers": m["providers"], "torch_loaded": turn["torch_loaded"]}
@@ -52,7 +52,8 @@ def cost_summary(cells: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {}
     rtf = {s: _mean([c["rtf"][s] for c in costs]) for s in STAGES}
     rtf["total"] = float(sum(v for v in rtf.values() if not math.isnan(v)))
-    return {"rtf": rtf, "peak_rss_mib": max(c["peak_rss_mib"] for c in costs), "open_s": _mean([c["open_s"] for c in costs]),
+    return {"rtf": rtf, "peak_rss_mib": max(c["peak_rss_mib"] for c in costs),
+            "open_s": _mean([c["open_s"] for c in costs]),
             "threads": costs[0]["threads"]}
 
 

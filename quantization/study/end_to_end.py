@@ -37,8 +37,8 @@ import numpy as np
 from kimia_edge.quantization.study import metrics as M
 from kimia_edge.quantization.study.spec import E2E, FLOOR_E2E, LLM, Cell, StudyVariant
 
-__all__ = ["DEFAULT_MIXES", "REPORT_NOTE", "SEED", "FLOOR_SEED", "extract_mixes", "parse_mix", "mix_graph_variants", "prepare",
-           "e2e_cell", "run_turn", "compare_turns"]
+__all__ = ["DEFAULT_MIXES", "REPORT_NOTE", "SEED", "FLOOR_SEED", "extract_mixes", "parse_mix", "mix_graph_variants",
+           "prepare", "e2e_cell", "run_turn", "compare_turns"]
 
 log = logging.getLogger(__name__)
 
@@ -357,12 +357,14 @@ def _child_turn(bundle: Path, onnx: str, row: str, clip_path: Path, steps: int, 
                                                                 cache_dir=cache_dir))
     open_s = time.perf_counter() - start
     turn = run_turn(components, clip, 16000, steps)
+    turn_s = time.perf_counter() - start - open_s
     m = turn.pop("metrics")
     np.savez(out.with_suffix(".npz"), wav=turn.pop("wav"), fed=np.asarray(turn.pop("fed"), np.int64).reshape(-1, 2),
              audio_tokens=np.asarray(turn.pop("audio_tokens"), np.int64))
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out.with_suffix(".json").write_text(json.dumps({
-        **turn, "open_s": open_s, "peak_rss_mib": rss_kib / 1024, "torch_loaded": "torch" in sys.modules,
+        **turn, "open_s": open_s, "turn_s": turn_s, "peak_rss_mib": rss_kib / 1024,
+        "torch_loaded": "torch" in sys.modules,
         "run_metrics": {k: getattr(m, k) for k in ("input_audio_s", "encode_s", "prefill_s", "first_audio_s",
                                                    "llm_steps", "llm_steps_per_s", "output_audio_s", "encode_rtf",
                                                    "synth_rtf", "stop", "providers")}}))
@@ -376,10 +378,12 @@ def _run_child(paths, cell: Cell, clip_path: Path, steps: int, threads: int) -> 
                str(steps), str(threads), str(paths.root / "cache" / "runtime"), str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"end-to-end cell {cell.key}: the child exited {done.returncode}:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"end-to-end cell {cell.key}: the child exited {done.returncode}:\n"
+                               f"{done.stderr[-3000:]}")
         info = json.loads(out.with_suffix(".json").read_text())
         with np.load(out.with_suffix(".npz")) as z:
-            info.update(wav=z["wav"], fed=[tuple(x) for x in z["fed"].tolist()], audio_tokens=z["audio_tokens"].tolist())
+            info.update(wav=z["wav"], fed=[tuple(x) for x in z["fed"].tolist()],
+                        audio_tokens=z["audio_tokens"].tolist())
     return info
 
 

@@ -47,7 +47,8 @@ _COLUMNS: Dict[str, Sequence[tuple]] = {  # component -> (metric path, column ti
     "vocoder": ((("snr_db",), "SNR dB", ".1f"), (("mrstft", "total"), "MR-STFT", ".4g")),
     "e2e": ((("wer",), "WER", ".3f"), (("audio_token_agreement",), "audio tokens", ".3f"),
             (("text_token_agreement",), "text tokens", ".3f"), (("greedy_agreement_steps",), "greedy steps", ".1f"),
-            (("speech_mrstft", "total"), "speech MR-STFT", ".4g"), (("pesq",), "PESQ", ".2f"), (("stoi",), "STOI", ".3f")),
+            (("speech_mrstft", "total"), "speech MR-STFT", ".4g"), (("pesq",), "PESQ", ".2f"),
+            (("stoi",), "STOI", ".3f")),
 }
 _COMPONENT_ORDER = ("whisper_encoder", "vq_encoder", "adaptor", "dit_step", "vocoder", "llm", "e2e")
 
@@ -137,7 +138,7 @@ def build_report(out: Path) -> Dict[str, Any]:
             "clips": config["clips"], "llm_steps": config["llm_steps"], "machine": machine_label(),
             "date": datetime.date.today().isoformat(), "cells": len(cells),
             "notes": ["int8_qdq is calibrated on the study's own clips (in-sample).",
-                      "Every cell runs on one thread; 'seconds' of pooled cells share the cores with other cells.",
+                      "Every cell but the end-to-end ones (deployment thread count) runs on one thread; 'seconds' of pooled cells share the cores with other cells.",
                       *(f"LLM reference: {n}." for n in reference_notes(out))],
         },
         "headline_metrics": {k: v[1] for k, v in HEADLINE.items()},

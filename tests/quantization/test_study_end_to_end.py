@@ -33,7 +33,8 @@ def _turn(text, fed, tokens, wav):
 
 def test_compare_turns_known_answers():
     rng = np.random.default_rng(0)
-    wav = (0.3 * np.sin(2 * np.pi * 220 * np.arange(24000) / 24000) * (1 + 0.5 * rng.standard_normal(24000))).astype(np.float32)
+    tone = np.sin(2 * np.pi * 220 * np.arange(24000) / 24000)
+    wav = (0.3 * tone * (1 + 0.5 * rng.standard_normal(24000))).astype(np.float32)
     ref = _turn("a b c d", [(1, 2), (3, 4), (5, 6), (7, 8)], [1, 2, 3, 4], wav)
     same = compare_turns(ref, ref)
     assert (same["wer"], same["audio_token_agreement"], same["text_token_agreement"]) == (0.0, 1.0, 1.0)
