@@ -8,7 +8,9 @@ as ``chat --speaker`` does. Two players, alternating rounds in one run, same see
 - ``ring``: the runtime's ``Speaker`` on an ``AudioRing`` (its ``callback`` is what the device calls; the turn's
   samples go in by ``ring.write``, as ``runtime/cli._Output.add`` does);
 - ``queue``: a ``queue.Queue`` of 240-sample blocks (the producer cuts the samples into blocks, the callback takes one
-  with ``get_nowait`` and copies it into the device buffer).
+  with ``get_nowait`` and copies it into the device buffer);
+- ``ring+switch``: ``ring`` with the interpreter's GIL switch interval at 1 ms instead of 5 ms (would the callback
+  thread, which needs the GIL, wait less for it?).
 
 Per callback: the scheduled deadline, start and end (``time.monotonic_ns``) and the samples delivered. Reported:
 callback duration p50/p99/p99.9, wake-up lateness, deadline misses (a callback that ends more than one period after
@@ -26,11 +28,12 @@ import contextlib
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -160,8 +163,8 @@ class QueuePlayer:
 
 
 PLAYERS: Dict[str, Callable[[], Any]] = {"ring": RingPlayer, "queue": QueuePlayer}
-# design -> (player, whether the round runs under the Speaker's GIL switch interval, as Speaker.start sets it)
-DESIGNS: Dict[str, tuple] = {"ring": ("ring", False), "queue": ("queue", False), "ring+switch": ("ring", True)}
+# design -> (player, GIL switch interval for the round: None = CPython's default, 5 ms)
+DESIGNS: Dict[str, tuple] = {"ring": ("ring", None), "queue": ("queue", None), "ring+switch": ("ring", 0.001)}
 BUFFERS_MS = (10, 20, 50, 100)  # device buffering a late callback can eat into: misses for each
 
 
@@ -228,16 +231,28 @@ class CallbackThread(threading.Thread):
         self.join()
 
 
+@contextlib.contextmanager
+def switch_interval(seconds: Optional[float]) -> Iterator[None]:
+    """``sys.setswitchinterval(seconds)`` for the with-block (None: unchanged): how long a thread that wants the GIL
+    waits before the thread running Python bytecode is asked to hand it over."""
+    before = sys.getswitchinterval()
+    if seconds is not None:
+        sys.setswitchinterval(seconds)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
+
+
 # ---- a round: one turn through one player ----------------------------------------------------------------------------
 def run_round(chat: Any, clip: np.ndarray, clip_rate: int, design: str, config: Any) -> tuple:
     """One turn, its audio through ``design``'s player while the callback thread plays it; (Timeline, priority)."""
-    from kimia_edge.runtime.audio_io import gil_switch_interval
     from kimia_edge.runtime.streaming import AudioEvent
 
     kind, switch = DESIGNS[design]
     player = PLAYERS[kind]()
     thread = CallbackThread(player, design)
-    with gil_switch_interval() if switch else contextlib.nullcontext():
+    with switch_interval(switch):
         thread.start_and_wait()
         total = _play_turn(chat, clip, clip_rate, config, player, thread, AudioEvent)
     thread.timeline.total_samples = total
@@ -306,6 +321,7 @@ def pooled(timelines: List[Timeline]) -> Dict[str, Any]:
             "misses_by_buffer_ms": {ms: sum(deadline_misses(t.scheduled_ns, t.end_ns, ms * 1_000_000) for t in timelines)
                                     for ms in BUFFERS_MS},
             "underruns": sum(p["underruns"] for p in per),
+            "misses_per_round": [p["misses"] for p in per], "late_p99_ms_per_round": [p["late_p99_ms"] for p in per],
             "audio_s_per_round": per[0]["audio_s"],
             "synth_rtf": float(np.median([t.synth_rtf for t in timelines if t.synth_rtf is not None] or [np.nan])),
             "first_audio_s": float(np.median([t.first_audio_s for t in timelines if t.first_audio_s is not None]))
@@ -385,7 +401,9 @@ def main() -> None:
               f"{i['late_p99_ms']:.2f} / {i['late_max_ms']:.2f} ms, duration p99 {i['p99']:.1f} µs, {i['misses']} misses")
     print(f"\ndeadline misses if the device buffered more (ms of audio): {', '.join(map(str, BUFFERS_MS))}")
     for o in out:
-        print(f"  {Path(o['bundle']).name} {o['design']}: " + " / ".join(str(v) for v in o["misses_by_buffer_ms"].values()))
+        print(f"  {Path(o['bundle']).name} {o['design']}: " + " / ".join(str(v) for v in o["misses_by_buffer_ms"].values())
+              + f"; per round: misses {o['misses_per_round']}, late p99 (ms) "
+              + ", ".join(f"{v:.1f}" for v in o["late_p99_ms_per_round"]))
     print("audio per turn: " + ", ".join(f"{Path(o['bundle']).name} {o['audio_s_per_round']:.1f} s"
                                         for o in out[::len(DESIGNS)]))
     plot(results, args.png)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,9 +19,6 @@ from kimia_edge.runtime.rings import AudioRing
 from kimia_edge.runtime.vad import SPEECH_STOPPED, EnergyVad, VadConfig
 
 MIC_RATE_HZ = 16_000  # what the encoders take; PortAudio resamples if the device cannot
-# A thread that wants the GIL waits about this long for a thread running Python bytecode to hand it over under
-# gil_switch_interval (CPython's default: 5 ms, half the 10 ms callback period). bench/audio_callback.py.
-PLAYBACK_SWITCH_INTERVAL_S = 0.001
 
 
 class AudioDeviceError(RuntimeError):
@@ -70,18 +66,6 @@ def _sounddevice() -> Any:
     except OSError as exc:
         raise OSError(f"{exc} (Debian/Ubuntu: apt-get install libportaudio2)") from exc
     return sounddevice
-
-
-@contextlib.contextmanager
-def gil_switch_interval(seconds: float = PLAYBACK_SWITCH_INTERVAL_S) -> Iterator[None]:
-    """Lowers the interpreter's thread switch interval (``sys.setswitchinterval``, process-wide) to ``seconds`` if
-    it is longer, and restores it on exit: the audio callback's thread then waits less for the GIL."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, seconds))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 class Microphone:

@@ -85,3 +85,14 @@ def test_players_deliver_the_stream_and_count_a_dry_ring(bench, design) -> None:
     np.testing.assert_array_equal(np.concatenate(played), stream)
     assert sum(got) == len(stream)
     assert bench.underruns_after_first_audio(got, len(stream)) == 1
+
+
+def test_switch_interval_is_set_for_the_block_and_restored(bench) -> None:
+    before = sys.getswitchinterval()
+    with bench.switch_interval(0.002):
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    with pytest.raises(KeyError), bench.switch_interval(0.003):
+        raise KeyError("restored on error too")
+    with bench.switch_interval(None):
+        assert sys.getswitchinterval() == before
+    assert sys.getswitchinterval() == before

@@ -1,13 +1,10 @@
 """Live audio without a sound card: the same callbacks sounddevice would call, driven from the test."""
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
-from kimia_edge.runtime.audio_io import (AudioDeviceError, EndpointConfig, EndpointDetector, Microphone, Speaker,
-                                         gil_switch_interval)
+from kimia_edge.runtime.audio_io import AudioDeviceError, EndpointConfig, EndpointDetector, Microphone, Speaker
 from kimia_edge.runtime.rings import AudioRing
 
 RATE = 16_000
@@ -65,23 +62,6 @@ def test_unopenable_devices_raise_a_clear_error() -> None:
         Microphone(device=12345).record(timeout_s=0.1)
     with pytest.raises(AudioDeviceError, match="cannot open the speaker 12345"):
         Speaker(AudioRing(16), 24_000, device=12345).start()
-
-
-def test_playback_switch_interval_only_lowers_and_is_restored() -> None:
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        with gil_switch_interval(0.001):
-            assert sys.getswitchinterval() == pytest.approx(0.001)
-        assert sys.getswitchinterval() == pytest.approx(0.005)
-        sys.setswitchinterval(0.0005)
-        with gil_switch_interval(0.001):  # already shorter: kept
-            assert sys.getswitchinterval() == pytest.approx(0.0005)
-        with pytest.raises(KeyError), gil_switch_interval(0.001):
-            raise KeyError("restored on error too")
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)
 
 
 def test_speaker_flush_drops_what_is_queued_and_plays_on_afterwards() -> None:
