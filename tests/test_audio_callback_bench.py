@@ -2,23 +2,15 @@
 callbacks on a scripted stream: same samples delivered, underruns where the stream ran dry."""
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_audio_callback", REPO / "bench" / "audio_callback.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_module):
+    return bench_module("audio_callback")
 
 
 def test_percentiles_of_a_known_distribution(bench) -> None:
