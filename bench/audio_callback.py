@@ -3,7 +3,7 @@
 A thread behaves like PortAudio's output callback: every 10 ms (240 samples at 24 kHz) it sleeps to an absolute
 deadline, wraps a device buffer as sounddevice does, and calls the player's callback, timing it. Meanwhile the
 runtime ``Pipeline`` runs a real speech-to-speech turn on a real clip and its ``AudioEvent`` samples go to the player,
-as ``chat --speaker`` does. Two players, alternating rounds in one run, same seed (same audio) every round:
+as ``chat --speaker`` does. Three designs, alternating rounds in one run, same seed (same audio) every round:
 
 - ``ring``: the runtime's ``Speaker`` on an ``AudioRing`` (its ``callback`` is what the device calls; the turn's
   samples go in by ``ring.write``, as ``runtime/cli._Output.add`` does);
@@ -15,8 +15,8 @@ as ``chat --speaker`` does. Two players, alternating rounds in one run, same see
 Per callback: the scheduled deadline, start and end (``time.monotonic_ns``) and the samples delivered. Reported:
 callback duration p50/p99/p99.9, wake-up lateness, deadline misses (a callback that ends more than one period after
 its scheduled start: the device would have run dry) and underruns after the first audio (a short block while the
-turn still had samples to come). The thread asks for SCHED_FIFO, else a negative nice, else runs as it is, and says
-which it got.
+turn still had samples to come); as a control, the thread alone for 10 s with no turn running. The thread asks for
+SCHED_FIFO, else a negative nice, else runs as it is, and says which it got.
 
     python bench/audio_callback.py --bundle BUNDLE [--bundle BUNDLE2] --clip ../shared/audio/qa_example.wav \\
         [--rounds 4] [--max-steps 120] [--threads 2] [--png docs/audio_callback.png] [--json out.json]
