@@ -8,6 +8,9 @@ tied ``token_embd``, quantizes that tensor as an output head (llama.cpp's rule f
 K-quants need rows that are multiples of 256 values (else llama.cpp falls back to a legacy type per tensor) and
 Q8_0 rows that are multiples of 32 (else F16): a tiny test model therefore ends up partly unquantized.
 
+A mix spec (``Q4_K_M+trunk.blk.0-3=Q8_0``, ``quantization/gguf_mix.py``) is quantized at its base type with the
+per-tensor-group types handed to llama.cpp as ``tt_overrides`` (llama.cpp's ``--tensor-type``), per file.
+
 The quantizer runs in a child process by default: a llama.cpp ``GGML_ASSERT`` aborts the whole process
 (environment notes), and the parent should survive a bad input.
 """
@@ -19,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from kimia_edge.runtime.spec.gguf import FILES as GGUF_FILES
 
@@ -44,7 +47,7 @@ class QuantizeError(RuntimeError):
 
 
 def _quantize_inprocess(src: str, dst: str, ftype: int, output_type: Optional[int], embedding_type: Optional[int],
-                        nthread: int) -> int:
+                        nthread: int, tensor_types: Sequence[Sequence] = ()) -> int:
     import llama_cpp as llama
 
     llama.llama_backend_init()
@@ -55,13 +58,20 @@ def _quantize_inprocess(src: str, dst: str, ftype: int, output_type: Optional[in
         p.output_tensor_type = output_type
     if embedding_type is not None:
         p.token_embedding_type = embedding_type
+    if tensor_types:  # [(regex, ggml type)], terminated by a null pattern
+        table = (llama.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, ggml_type) in enumerate(tensor_types):
+            table[i].pattern, table[i].type = str(pattern).encode(), int(ggml_type)
+        p.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama.llama_model_tensor_override))
     return int(llama.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p)))
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, *, output_type: Optional[str] = None,
-                  token_embedding_type: Optional[str] = None, nthread: int = 0, isolate: bool = True) -> Path:
+                  token_embedding_type: Optional[str] = None, nthread: int = 0, isolate: bool = True,
+                  tensor_types: Sequence[Tuple[str, int]] = ()) -> Path:
     """Quantizes one llama.cpp GGUF ``src`` to ``dst`` at ``qtype`` (a key of QUANT_TYPES).
 
+    tensor_types: [(regex on tensor names, ggml type id)], the first match wins (``gguf_mix.MixSpec``).
     output_type / token_embedding_type: keep ``output`` / ``token_embd`` at their own type (a key of TENSOR_TYPES,
     e.g. "Q8_0" or "F16"); None = llama.cpp's rule for the ftype. isolate: run in a child process."""
     if qtype not in QUANT_TYPES:
@@ -76,7 +86,8 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, output_type: Optional[str
     tmp = dst.with_name(dst.name + ".part")
     args = (str(src), str(tmp), QUANT_TYPES[qtype],
             None if output_type is None else TENSOR_TYPES[output_type],
-            None if token_embedding_type is None else TENSOR_TYPES[token_embedding_type], nthread)
+            None if token_embedding_type is None else TENSOR_TYPES[token_embedding_type], nthread,
+            [list(t) for t in tensor_types])
     if isolate:
         code = ("import json,sys;from kimia_edge.export.gguf_quantize import _quantize_inprocess as q;"
                 "sys.exit(q(*json.loads(sys.argv[1])))")
@@ -95,14 +106,24 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, output_type: Optional[str
 
 def quantize_llm(export_dir: Path, out_dir: Path, qtype: str, *, output_type: Optional[str] = None,
                  token_embedding_type: Optional[str] = None, nthread: int = 0) -> Dict[str, Path]:
-    """Quantizes the trunk and audio GGUFs of ``export_dir`` into ``out_dir``; copies the F32 adaptor."""
+    """Quantizes the trunk and audio GGUFs of ``export_dir`` into ``out_dir``; copies the F32 adaptor. ``qtype``: a
+    key of QUANT_TYPES or a mix spec of one (``Q4_K_M+trunk.blk.0-3=Q8_0``, see ``quantization/gguf_mix.py``)."""
+    from kimia_edge.quantization.gguf_mix import MixSpec, parse_mix, pinned_types
+
+    mix = parse_mix(qtype, tuple(QUANT_TYPES)) if "+" in qtype else MixSpec(qtype)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if export_dir.resolve() == out_dir.resolve():
         raise ValueError("out_dir must differ from export_dir (same file names)")
     out: Dict[str, Path] = {}
     for role in _QUANTIZED_ROLES:
-        out[role] = quantize_gguf(export_dir / GGUF_FILES[role], out_dir / GGUF_FILES[role], qtype,
-                                  output_type=output_type, token_embedding_type=token_embedding_type, nthread=nthread)
+        src, dst = export_dir / GGUF_FILES[role], out_dir / GGUF_FILES[role]
+        kw = dict(output_type=output_type, token_embedding_type=token_embedding_type, nthread=nthread)
+        pins = []
+        if mix.overrides:  # the uniform base first: its per-tensor types pin what the mix leaves alone
+            uniform = quantize_gguf(src, dst.with_name(dst.name + ".uniform"), mix.base, **kw)
+            pins = pinned_types(mix, role, src, uniform)
+            uniform.unlink()
+        out[role] = quantize_gguf(src, dst, mix.base, tensor_types=[*mix.tensor_types(role), *pins], **kw)
     adaptor = GGUF_FILES["adaptor"]
     if (export_dir / adaptor).exists():
         out["adaptor"] = Path(shutil.copy2(export_dir / adaptor, out_dir / adaptor))
