@@ -112,6 +112,15 @@ def _study(args: argparse.Namespace) -> int:
         raise ValueError(f"study: {', '.join('--' + m for m in missing)} required (or --replot REPORT)")
     counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
                        bundle=args.bundle, ray=args.ray)
+    if args.budget or args.sensitivity:  # per-group sensitivity, then the budgeted mix (measured as a variant)
+        from kimia_edge.quantization.study.budget import parse_budget, study_with_budget
+
+        if args.budget:
+            parse_budget(args.budget)  # a bad budget fails now, not after the sensitivity cells
+        rec = study_with_budget(args.snapshot, args.audio, args.out, args.sensitivity or "Q4_K_M", args.budget,
+                                variants=args.variants, jobs=args.jobs, steps=args.steps, bundle=args.bundle)
+        if rec is not None:
+            print(f"budget: {rec['status']} ({rec['why']})" + (f": --llm-quants '{rec['spec']}'" if rec["spec"] else ""))
     report = write_report(args.out)
     print(f"{counts['computed']} cells measured, {counts['reused']} reused from an earlier run")
     print(f"report: {args.out / 'report.md'} ({report['header']['label']})")
@@ -139,7 +148,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     exp.add_argument("--graphs", nargs="+", choices=ONNX_GRAPHS, help="only these graphs (default: all)")
     exp.add_argument("--calibration-audio", nargs="+", type=Path, help="speech files or folders for static int8")
     exp.add_argument("--llm-precision", choices=("f32", "f16"), default="f16", help="GGUF base precision")
-    exp.add_argument("--llm-quants", nargs="*", default=list(DEFAULT_LLM_QUANTS), help="llama.cpp quant types (e.g. Q8_0 Q4_K_M)")
+    exp.add_argument("--llm-quants", nargs="*", default=list(DEFAULT_LLM_QUANTS),
+                     help="llama.cpp quant types (e.g. Q8_0 Q4_K_M) or per-tensor-group mixes "
+                          "(e.g. 'Q4_K_M+trunk.blk.0-3=Q8_0', docs/quantization.md)")
     exp.add_argument("--no-llm", action="store_true", help="skip the GGUF LLM")
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("--seed", type=int, default=0)
@@ -160,6 +171,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     study.add_argument("--steps", type=int, default=64, help="greedy F32 steps of the LLM reference stream per clip")
     study.add_argument("--bundle", type=Path, help="take the fp32 graphs from this bundle of the same snapshot "
                                                    "instead of exporting them")
+    study.add_argument("--sensitivity", metavar="TYPE", help="LLM per-group sensitivity at this llama.cpp type: one "
+                       "layer (or embedding / head) from the TYPE files, the rest F32 (default with --budget: Q4_K_M)")
+    study.add_argument("--budget", metavar="SPEC", help="recommend the smallest LLM mix within bounds on the LLM "
+                       "metrics, e.g. 'audio_top1>=0.99,text_top1>=0.99' (names: quantization/study/budget.py), "
+                       "and measure it")
     study.add_argument("--replot", type=Path, metavar="REPORT", help="redraw report.md and the plots from "
                                                                     "REPORT/report.json, measure nothing")
     study.set_defaults(handler=_needs_build_extra(_study))

@@ -234,6 +234,11 @@ def export_bundle(snapshot: Path, out: Path, precisions: Sequence[str] = DEFAULT
         if not overwrite:
             raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
         check_replaceable(Path(out))
+    if llm_precision:  # a bad quant type or mix spec fails now, not after the graphs
+        from kimia_edge.export.gguf_quantize import check_quant_spec
+
+        for q in llm_quants:
+            check_quant_spec(q)
     names = list(graphs) if graphs else list(REGISTRY)
     speech = [to_16k_mono(*load_audio(p)) for p in calibration_audio]
     context = CalibrationContext(Path(snapshot), speech)

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from kimia_edge.runtime.spec.gguf import FILES as GGUF_FILES
 
-__all__ = ["QUANT_TYPES", "TENSOR_TYPES", "quantize_gguf", "quantize_llm", "QuantizeError"]
+__all__ = ["QUANT_TYPES", "TENSOR_TYPES", "quantize_gguf", "quantize_llm", "check_quant_spec", "QuantizeError"]
 
 # name -> llama_ftype (llama.h enum llama_ftype)
 QUANT_TYPES: Dict[str, int] = {
@@ -104,13 +104,26 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, output_type: Optional[str
     return dst
 
 
+def check_quant_spec(qtype: str):
+    """``qtype`` (a key of QUANT_TYPES or a mix spec of one) as a ``gguf_mix.MixSpec``; ValueError naming what is
+    wrong."""
+    from kimia_edge.quantization.gguf_mix import MixSpec, parse_mix
+
+    if "+" in qtype:
+        return parse_mix(qtype, tuple(QUANT_TYPES))
+    if qtype not in QUANT_TYPES:
+        raise ValueError(f"llama.cpp quant {qtype!r}: expected one of {sorted(QUANT_TYPES)} or a mix such as "
+                         "Q4_K_M+trunk.blk.0-3=Q8_0")
+    return MixSpec(qtype)
+
+
 def quantize_llm(export_dir: Path, out_dir: Path, qtype: str, *, output_type: Optional[str] = None,
                  token_embedding_type: Optional[str] = None, nthread: int = 0) -> Dict[str, Path]:
     """Quantizes the trunk and audio GGUFs of ``export_dir`` into ``out_dir``; copies the F32 adaptor. ``qtype``: a
     key of QUANT_TYPES or a mix spec of one (``Q4_K_M+trunk.blk.0-3=Q8_0``, see ``quantization/gguf_mix.py``)."""
-    from kimia_edge.quantization.gguf_mix import MixSpec, parse_mix, pinned_types
+    from kimia_edge.quantization.gguf_mix import pinned_types
 
-    mix = parse_mix(qtype, tuple(QUANT_TYPES)) if "+" in qtype else MixSpec(qtype)
+    mix = check_quant_spec(qtype)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if export_dir.resolve() == out_dir.resolve():
         raise ValueError("out_dir must differ from export_dir (same file names)")

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from kimia_edge.quantization.study import budget
 from kimia_edge.quantization.study import metrics as M
 from kimia_edge.quantization.study.cost import cost_markdown, cost_summary, plot_rtf
 
@@ -145,6 +146,7 @@ def build_report(out: Path) -> Dict[str, Any]:
         "components": {c: rows[c] for c in _COMPONENT_ORDER if c in rows},
         "floors": floors,
         "unavailable": unavailable,
+        **budget.report_sections(out),  # per-group sensitivity and the --budget recommendation, if run
     }
 
 
@@ -213,6 +215,7 @@ def markdown(report: Dict[str, Any]) -> str:
     if report.get("unavailable"):
         lines += ["## Not measured", "", "| variant | why |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(report["unavailable"].items())] + [""]
+    lines += budget.markdown_section(report)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in _plot_names(report)]
     return "\n".join(lines) + "\n"
 
@@ -288,7 +291,7 @@ def plot(report: Dict[str, Any], folder: Path) -> List[Path]:
         written.append(folder / "dit_chunks.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    return written + plot_rtf(report, folder, label)
+    return written + plot_rtf(report, folder, label) + budget.plot_sections(report, folder, label)
 
 
 def _write_outputs(report: Dict[str, Any], out: Path) -> None:

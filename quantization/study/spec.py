@@ -2,7 +2,8 @@
 
 SPEC is a comma-separated list; each item is ``GRAPH=PRECISION`` (one ONNX graph), ``PRECISION`` (that ONNX
 precision for every graph), ``llm=GGUF`` or ``GGUF`` (an LLM variant: a llama.cpp type such as ``Q8_0``, or a
-named row of ``quantization/llm_quality.VARIANTS`` by its slug such as ``Q4_K_M+emb-heads-Q8_0``). Empty: every
+named row of ``quantization/llm_quality.VARIANTS`` by its slug such as ``Q4_K_M+emb-heads-Q8_0``, or a mix spec
+``llm=Q4_K_M+trunk.blk.0-1=F32`` of ``quantization/gguf_mix.py``). Empty: every
 registry precision for every graph and every LLM row.
 
 The noise floor is always measured for each component a study touches and needs no spec: ``fp32`` (ONNX Runtime's
@@ -70,6 +71,10 @@ def _gguf_row(name: str) -> str:
 
     if name in QUANT_TYPES:
         return name
+    if "+" in name:  # a per-tensor-group mix spec (quantization/gguf_mix.py), e.g. a --budget recommendation
+        from kimia_edge.quantization.gguf_mix import parse_mix
+
+        return parse_mix(name, tuple(QUANT_TYPES)).text
     raise ValueError(f"LLM variant {name!r}: expected a llama.cpp type (e.g. Q8_0) or one of {sorted(rows)}")
 
 
@@ -85,6 +90,8 @@ def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
     else:
         for item in filter(None, (part.strip() for part in spec.split(","))):
             component, _, name = item.rpartition("=")
+            if item.startswith(LLM + "="):  # llm=MIX may hold '=' itself (Q4_K_M+trunk.blk.0=F32)
+                component, _, name = item.partition("=")
             if component == LLM or (not component and name not in PRECISION_NAMES):
                 chosen.add(StudyVariant(LLM, _gguf_row(name)))
             elif component and component not in ONNX_GRAPHS:

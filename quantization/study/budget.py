@@ -1,0 +1,256 @@
+"""The budgeted mixed-precision recommendation for the LLM (issue [Q] item 5, ``kimia-edge study --budget SPEC``).
+
+SPEC: comma-separated bounds ``METRIC>=X`` or ``METRIC<=X`` on the metrics the LLM cells already report (the mean
+over clips is compared):
+
+    text_top1, audio_top1                 top-1 agreement per head (0..1), >=
+    text_mean_kld, audio_mean_kld         mean KLD per head (nats), <=
+    text_p99_kld, audio_p99_kld           99th-percentile KLD per head (nats), <=
+    audio_token_agreement, text_token_agreement   token agreement of the free greedy run (0..1), >=
+    greedy_agreement_steps                steps of the free greedy run until the first divergence, >=
+
+Objective: the smallest bytes on disk (trunk + audio). Greedy on the sensitivity ranking (``sensitivity.py``):
+start from the F32 model, add the groups one at a time in order of increasing impact (least sensitive first),
+measure the resulting mix (every clip) and keep the group only if every bound still holds, else back off (the group
+stays F32) and try the next. The uniform quant is tried first: if it meets the budget there is nothing to keep.
+
+The result is a mix spec (``gguf_mix``) ``kimia-edge export --llm-quants`` accepts: the quant type with the groups
+it must keep at F32, e.g. ``Q4_K_M+trunk.blk.0-1=F32+audio.output=F32``. The study then measures that spec as an
+ordinary LLM variant made by the exporter's own path (llama.cpp's quantizer with tensor-type overrides; equal to
+the assembled mix byte for byte) beside the uniform rows. A budget that even the F32 model misses, or that no mix
+with any group quantized meets, is reported as such (``status``), not raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from kimia_edge.quantization.study.run import StudyPaths, write_json
+from kimia_edge.quantization.study.sensitivity import group_name, measure_mix, measure_layers
+
+__all__ = ["METRICS", "Bound", "parse_budget", "within", "mix_spec", "recommend", "RECOMMENDATION_FILE"]
+
+RECOMMENDATION_FILE = "recommendation.json"
+
+# name -> (path into an LLM cell's metrics, the direction a bound must have)
+METRICS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "text_top1": (("heads", "text", "top1_agreement", "value"), ">="),
+    "audio_top1": (("heads", "audio", "top1_agreement", "value"), ">="),
+    "text_mean_kld": (("heads", "text", "mean_kld", "value"), "<="),
+    "audio_mean_kld": (("heads", "audio", "mean_kld", "value"), "<="),
+    "text_p99_kld": (("heads", "text", "p99_kld", "value"), "<="),
+    "audio_p99_kld": (("heads", "audio", "p99_kld", "value"), "<="),
+    "audio_token_agreement": (("audio_token_agreement",), ">="),
+    "text_token_agreement": (("text_token_agreement",), ">="),
+    "greedy_agreement_steps": (("greedy_agreement_steps",), ">="),
+}
+_OPS: Dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
+
+
+@dataclass(frozen=True)
+class Bound:
+    metric: str
+    op: str
+    value: float
+
+    @property
+    def text(self) -> str:
+        return f"{self.metric}{self.op}{self.value:g}"
+
+    def value_of(self, metrics_per_clip: Sequence[Dict[str, Any]]) -> float:
+        vals = []
+        for m in metrics_per_clip:
+            for k in METRICS[self.metric][0]:
+                m = m[k]
+            vals.append(float(m))
+        return sum(vals) / len(vals)
+
+
+def parse_budget(spec: str) -> List[Bound]:
+    """``"audio_top1>=0.99,text_top1>=0.99"`` -> bounds; ValueError naming a bad item, an unknown metric (with the
+    known ones) or a bound in the direction that means nothing (``text_top1<=0.9``)."""
+    bounds = []
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"([a-z0-9_]+)\s*(>=|<=)\s*([-+0-9.eE]+)", item)
+        if m is None:
+            raise ValueError(f"--budget {item!r}: expected METRIC>=X or METRIC<=X")
+        name, op, value = m.groups()
+        if name not in METRICS:
+            raise ValueError(f"--budget {item!r}: unknown metric {name!r}; known: {', '.join(METRICS)}")
+        if op != METRICS[name][1]:
+            raise ValueError(f"--budget {item!r}: {name} is bounded with {METRICS[name][1]}")
+        try:
+            bounds.append(Bound(name, op, float(value)))
+        except ValueError:
+            raise ValueError(f"--budget {item!r}: {value!r} is not a number") from None
+    if not bounds:
+        raise ValueError("--budget: no bound given")
+    return bounds
+
+
+def within(bounds: Sequence[Bound], metrics_per_clip: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """{"ok": every bound holds, "values": {bound text: measured value}}."""
+    values = {b.text: b.value_of(metrics_per_clip) for b in bounds}
+    return {"ok": all(_OPS[b.op](values[b.text], b.value) for b in bounds), "values": values}
+
+
+def _ranges(indices: Sequence[int]) -> List[str]:
+    out, run = [], []
+    for i in sorted(indices):
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return out
+
+
+def mix_spec(qtype: str, kept: Sequence[Tuple[str, str]], keep_type: str = "F32") -> str:
+    """The mix spec quantizing everything at ``qtype`` but the (role, group)s ``kept`` at ``keep_type``; layers of
+    one file in consecutive runs become ranges (``trunk.blk.0-3``)."""
+    parts = [qtype]
+    for role in ("trunk", "audio"):
+        blocks = [int(g.split(".")[1]) for r, g in kept if r == role and g.startswith("blk.")]
+        parts += [f"{role}.blk.{r}={keep_type}" for r in _ranges(blocks)]
+        parts += [f"{role}.{g}={keep_type}" for r, g in sorted(kept) if r == role and not g.startswith("blk.")]
+    return "+".join(parts)
+
+
+def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True) -> Dict[str, Any]:
+    """Sensitivity of every group at ``qtype`` (measured if missing), then the greedy mix within ``budget`` (see
+    the module doc). Writes and returns REPORT/recommendation.json: status ("uniform", "mix", "nothing
+    quantized", "unmet"), the spec, its trial values and every greedy trial."""
+    from tqdm import tqdm
+
+    bounds = parse_budget(budget)
+    paths = StudyPaths(out)
+    clips = list(json.loads(paths.config.read_text())["clips"])
+    rows = measure_layers(out, qtype, clips, progress=progress)
+    by_name = {r["group"]: r for r in rows}
+    order = [tuple(r["group"].split(".", 1)) for r in rows]  # least sensitive first
+    trials: List[Dict[str, Any]] = []
+
+    def trial(chosen: Sequence[Tuple[str, str]]) -> Dict[str, Any]:
+        key = ",".join(sorted(group_name(r, g) for r, g in chosen))
+        name = f"{qtype}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # the set, not the order, names a mix
+        cells = measure_mix(paths, qtype, name, chosen, clips)
+        t = {"name": name, "quantized": [group_name(r, g) for r, g in chosen], "bytes": cells[0]["cost"]["bytes"],
+             **within(bounds, [c["metrics"] for c in cells])}
+        trials.append(t)
+        return t
+
+    result: Dict[str, Any] = {"qtype": qtype, "budget": [b.text for b in bounds], "objective": "smallest bytes",
+                              "ranking": [r["group"] for r in rows]}
+    f32 = trial([])
+    uniform = trial(order)
+    if not f32["ok"]:
+        result.update(status="unmet", spec=None, chosen=f32,
+                      why="even the F32 model misses the budget: no mix can meet it")
+    elif uniform["ok"]:
+        result.update(status="uniform", spec=qtype, chosen=uniform, why=f"uniform {qtype} already meets the budget")
+    else:
+        chosen: List[Tuple[str, str]] = []
+        best = f32
+        for role, group in tqdm(order, desc="budget greedy", unit="group", disable=not progress):
+            t = trial([*chosen, (role, group)])
+            if t["ok"]:
+                chosen.append((role, group))
+                best = t
+        if not chosen:
+            result.update(status="nothing quantized", spec=None, chosen=f32,
+                          why=f"no group of {qtype} can be quantized within the budget: keep F32 (or F16)")
+        else:
+            kept = [g for g in order if g not in chosen]
+            result.update(status="mix", spec=mix_spec(qtype, kept), chosen=best,
+                          why=f"{len(chosen)} of {len(order)} groups at {qtype}, the rest F32")
+    result["trials"] = trials
+    result["sensitivity_bytes"] = {g: by_name[g]["bytes"] for g in by_name}
+    write_json(paths.root / RECOMMENDATION_FILE, result)
+    return result
+
+
+def load(out: Path) -> Optional[Dict[str, Any]]:
+    path = Path(out) / RECOMMENDATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget: Optional[str], *,
+                      variants: Optional[str] = None, progress: bool = True, **kw: Any) -> Optional[Dict[str, Any]]:
+    """``kimia-edge study --sensitivity TYPE [--budget SPEC]``: the study with ``llm=TYPE`` added, the per-group
+    sensitivity at TYPE, and with a budget the recommendation, whose spec is then measured as an ordinary LLM
+    variant (the exporter's path) beside the uniform rows; ``measured`` says whether those cells meet the budget."""
+    from kimia_edge.quantization.study.run import load_cells, run_study
+
+    run_study(snapshot, audio, out, variants=",".join(filter(None, [variants, f"llm={qtype}"])),
+              progress=progress, **kw)
+    if budget is None:
+        measure_layers(out, qtype, progress=progress)
+        return None
+    rec = recommend(out, qtype, budget, progress=progress)
+    if rec["status"] == "mix":
+        run_study(snapshot, audio, out, variants=f"llm={rec['spec']}", progress=progress, **kw)
+        cells = [c for c in load_cells(out) if c["component"] == "llm" and c["variant"] == rec["spec"]]
+        rec["measured"] = {"bytes": cells[0]["cost"]["bytes"],
+                           **within(parse_budget(budget), [c["metrics"] for c in cells])}
+        write_json(Path(out) / RECOMMENDATION_FILE, rec)
+    return rec
+
+
+def markdown_section(report: Dict[str, Any]) -> List[str]:
+    """report.md lines for the sensitivity ranking(s) and the recommendation (empty when neither was run)."""
+    lines: List[str] = []
+    for qtype, rows in report.get("sensitivity", {}).items():
+        lines += [f"## LLM per-group sensitivity at {qtype}", "",
+                  f"One tensor group from the {qtype} files, every other tensor F32 (`gguf_mix`); impact = text + "
+                  "audio mean KLD (nats), least sensitive first; this is the order the budget greedy quantizes in.", "",
+                  "| group | impact | text mean KLD | audio mean KLD | text top-1 | audio top-1 | greedy steps | MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['group']} | {r['impact']:.3g} | {r['text_mean_kld']:.3g} | {r['audio_mean_kld']:.3g} | "
+                  f"{100 * r['text_top1']:.1f} % | {100 * r['audio_top1']:.1f} % | {r['greedy_agreement_steps']:.1f} | "
+                  f"{r['bytes'] / 1e6:.2f} |" for r in rows]
+        lines += ["", f"![sensitivity {qtype}](sensitivity_{qtype}.png)", ""]
+    rec = report.get("recommendation")
+    if rec:
+        lines += ["## Recommendation under the budget", "",
+                  f"Budget {', '.join(f'`{b}`' for b in rec['budget'])} (means over clips), objective: "
+                  f"{rec['objective']}, quant type {rec['qtype']}: **{rec['status']}** — {rec['why']}.", ""]
+        if rec.get("spec"):
+            lines += [f"Spec (`kimia-edge export --llm-quants '{rec['spec']}'`, measured above as the LLM row of "
+                      f"that name): `{rec['spec']}`.", ""]
+        measured = rec.get("measured") or rec["chosen"]
+        lines += [f"Measured: {measured['bytes'] / 1e6:.2f} MB, " + ", ".join(
+            f"{k} = {v:.4g}" for k, v in measured["values"].items()) + f" → {'meets' if measured['ok'] else 'misses'} "
+            "the budget.", "", "| trial | groups quantized | MB | " + " | ".join(rec["budget"]) + " | within |",
+            "|---:|---:|---:|" + "---:|" * len(rec["budget"]) + "---|"]
+        lines += [f"| {i} | {len(t['quantized'])} | {t['bytes'] / 1e6:.2f} | "
+                  + " | ".join(f"{v:.4g}" for v in t["values"].values()) + f" | {'yes' if t['ok'] else 'no'} |"
+                  for i, t in enumerate(rec["trials"])]
+        lines.append("")
+    return lines
+
+
+def report_sections(out: Path) -> Dict[str, Any]:
+    """report.json's "sensitivity" ({quant type: ranking}) and "recommendation", for those that were run."""
+    from kimia_edge.quantization.study.sensitivity import SENSITIVITY_DIR, ranking
+
+    qtypes = sorted({p.name.split("__")[1].split("@")[0]
+                     for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")})
+    sections: Dict[str, Any] = {"sensitivity": {q: ranking(out, q) for q in qtypes}} if qtypes else {}
+    rec = load(out)
+    if rec is not None:
+        sections["recommendation"] = rec
+    return sections
+
+
+def plot_sections(report: Dict[str, Any], folder: Path, label: str = "") -> List[Path]:
+    """sensitivity_<TYPE>.png per ranking in ``report``."""
+    from kimia_edge.quantization.study.sensitivity import plot_bars
+
+    return [plot_bars(rows, q, Path(folder) / f"sensitivity_{q}.png", label)
+            for q, rows in report.get("sensitivity", {}).items()]
