@@ -113,11 +113,11 @@ def _study(args: argparse.Namespace) -> int:
     counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
                        bundle=args.bundle, ray=args.ray)
     if args.budget or args.sensitivity:  # per-group sensitivity, then the budgeted mix (measured as a variant)
-        from kimia_edge.quantization.study.budget import parse_budget, study_with_budget
+        from kimia_edge.quantization.study.budget import parse_budget, study_sensitivity
 
         if args.budget:
             parse_budget(args.budget)  # a bad budget fails now, not after the sensitivity cells
-        rec = study_with_budget(args.snapshot, args.audio, args.out, args.sensitivity or "Q4_K_M", args.budget,
+        rec = study_sensitivity(args.snapshot, args.audio, args.out, (args.sensitivity or "").split(","), args.budget,
                                 variants=args.variants, jobs=args.jobs, steps=args.steps, bundle=args.bundle)
         if rec is not None:
             print(f"budget: {rec['status']} ({rec['why']})" + (f": --llm-quants '{rec['spec']}'" if rec["spec"] else ""))
@@ -171,8 +171,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     study.add_argument("--steps", type=int, default=64, help="greedy F32 steps of the LLM reference stream per clip")
     study.add_argument("--bundle", type=Path, help="take the fp32 graphs from this bundle of the same snapshot "
                                                    "instead of exporting them")
-    study.add_argument("--sensitivity", metavar="TYPE", help="LLM per-group sensitivity at this llama.cpp type: one "
-                       "layer (or embedding / head) from the TYPE files, the rest F32 (default with --budget: Q4_K_M)")
+    study.add_argument("--sensitivity", metavar="ITEMS", help="per-block sensitivity, comma-separated: an ONNX graph "
+                       "(e.g. dit_step: one block int8 at a time) or a llama.cpp type (e.g. Q4_K_M: one LLM layer, "
+                       "embedding or head from the TYPE files, the rest F32; with --budget the first type, default "
+                       "Q4_K_M)")
     study.add_argument("--budget", metavar="SPEC", help="recommend the smallest LLM mix within bounds on the LLM "
                        "metrics, e.g. 'audio_top1>=0.99,text_top1>=0.99' (names: quantization/study/budget.py), "
                        "and measure it")

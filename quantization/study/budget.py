@@ -202,6 +202,31 @@ def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget
     return rec
 
 
+def study_sensitivity(snapshot: Path, audio: Path, out: Path, items: Sequence[str], budget: Optional[str], *,
+                      variants: Optional[str] = None, progress: bool = True, **kw: Any) -> Optional[Dict[str, Any]]:
+    """``kimia-edge study --sensitivity ITEMS [--budget SPEC]``: each item is an ONNX graph (its blocks int8 one at a
+    time, ``onnx_blocks.py``) or a llama.cpp type (the LLM's groups, ``study_with_budget``; with a budget, the
+    recommendation at that type, Q4_K_M if no type is named). Returns the recommendation (None without budget)."""
+    from kimia_edge.quantization.study.onnx_blocks import PRECISION, measure_blocks
+    from kimia_edge.quantization.study.run import run_study
+    from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
+
+    items = [i.strip() for i in items if i.strip()]
+    graphs = [i for i in items if i in ONNX_GRAPHS]
+    qtypes = [i for i in items if i not in ONNX_GRAPHS] or (["Q4_K_M"] if budget else [])
+    if graphs:
+        run_study(snapshot, audio, out, variants=",".join([*filter(None, [variants]), *(f"{g}={PRECISION}"
+                                                                                         for g in graphs)]),
+                  progress=progress, **kw)
+        for g in graphs:
+            measure_blocks(out, snapshot, g)
+    rec = None
+    for i, q in enumerate(qtypes):
+        rec = study_with_budget(snapshot, audio, out, q, budget if i == 0 else None, variants=variants,
+                                progress=progress, **kw) or rec
+    return rec
+
+
 def markdown_section(report: Dict[str, Any]) -> List[str]:
     """report.md lines for the sensitivity ranking(s) and the recommendation (empty when neither was run)."""
     lines: List[str] = []
@@ -215,6 +240,14 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
                   f"{100 * r['text_top1']:.1f} % | {100 * r['audio_top1']:.1f} % | {r['greedy_agreement_steps']:.1f} | "
                   f"{r['bytes'] / 1e6:.2f} |" for r in rows]
         lines += ["", f"![sensitivity {qtype}](sensitivity_{qtype}.png)", ""]
+    for graph, rows in report.get("sensitivity_blocks", {}).items():
+        lines += [f"## {graph}: per-block sensitivity at int8_dynamic", "",
+                  f"One block's MatMul / Gemm / Conv nodes int8 (ONNX Runtime `quantize_dynamic`, "
+                  f"`nodes_to_quantize`), the rest fp32; impact = {rows[0]['metric'] if rows else 'headline'}, "
+                  "least sensitive first (`other` = the nodes outside every block).", "",
+                  "| block | impact | MB |", "|---|---:|---:|"]
+        lines += [f"| {r['group']} | {r['impact']:.4g} | {r['bytes'] / 1e6:.3f} |" for r in rows]
+        lines += ["", f"![{graph} blocks](sensitivity_{graph}.png)", ""]
     rec = report.get("recommendation")
     if rec:
         lines += ["## Recommendation under the budget", "",
@@ -242,6 +275,11 @@ def report_sections(out: Path) -> Dict[str, Any]:
     qtypes = sorted({p.name.split("__")[1].split("@")[0]
                      for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")})
     sections: Dict[str, Any] = {"sensitivity": {q: ranking(out, q) for q in qtypes}} if qtypes else {}
+    graphs = sorted({p.name.split("__")[0] for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")} - {"llm"})
+    if graphs:
+        from kimia_edge.quantization.study.onnx_blocks import block_ranking
+
+        sections["sensitivity_blocks"] = {g: block_ranking(out, g) for g in graphs}
     rec = load(out)
     if rec is not None:
         sections["recommendation"] = rec
@@ -252,5 +290,10 @@ def plot_sections(report: Dict[str, Any], folder: Path, label: str = "") -> List
     """sensitivity_<TYPE>.png per ranking in ``report``."""
     from kimia_edge.quantization.study.sensitivity import plot_bars
 
-    return [plot_bars(rows, q, Path(folder) / f"sensitivity_{q}.png", label)
-            for q, rows in report.get("sensitivity", {}).items()]
+    written = [plot_bars(rows, q, Path(folder) / f"sensitivity_{q}.png", label)
+               for q, rows in report.get("sensitivity", {}).items()]
+    for graph, rows in report.get("sensitivity_blocks", {}).items():
+        written.append(plot_bars(rows, "int8_dynamic", Path(folder) / f"sensitivity_{graph}.png",
+                                 f"{graph} {label}".strip(), series=(("impact", "this block int8"),),
+                                 ylabel=rows[0]["metric"] if rows else ""))
+    return written

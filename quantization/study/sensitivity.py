@@ -15,6 +15,7 @@ sensitive first) is what ``budget.py`` quantizes in order.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -108,26 +109,28 @@ def ranking(out: Path, qtype: str) -> List[Dict[str, Any]]:
     return sorted(rows, key=lambda r: (r["impact"], r["group"]))
 
 
-def plot_bars(rows: Sequence[Dict[str, Any]], qtype: str, path: Path, label: str = "") -> Path:
-    """Bars per group (in model order): text and audio mean KLD of that group alone at ``qtype``."""
+def plot_bars(rows: Sequence[Dict[str, Any]], qtype: str, path: Path, label: str = "",
+              series: Sequence[Tuple[str, str]] = (("text_mean_kld", "text head"), ("audio_mean_kld", "audio head")),
+              ylabel: str = "mean KLD (nats)") -> Path:
+    """Bars per group (in model order) of each ``series`` (row key, legend) for that group alone at ``qtype``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    def order(r):
-        role, _, rest = r["group"].partition(".")
-        num = rest.split(".")[1] if rest.startswith("blk.") else "-1"
-        return (role != "trunk", rest.startswith("blk."), int(num) if num.isdigit() else 0, rest)
+    def order(r):  # model order: trunk before audio, embeddings / heads before numbered layers, layers by number
+        g = r["group"]
+        return (g.startswith("audio."), bool(re.search(r"\d", g)), re.sub(r"\d+", lambda m: m[0].zfill(6), g))
 
     rows = sorted(rows, key=order)
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(rows) + 2), 3.8))
-    for off, head in ((-0.2, "text"), (0.2, "audio")):
-        ax.bar(x + off, [max(r[f"{head}_mean_kld"], 1e-12) for r in rows], width=0.4, label=f"{head} head")
+    width = 0.8 / len(series)
+    for i, (key, legend) in enumerate(series):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, [max(r[key], 1e-12) for r in rows], width=width, label=legend)
     ax.set_xticks(x, [r["group"] for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="mean KLD (nats)", yscale="log", title=f"{qtype}: one group quantized, rest F32\n{label}".strip())
+    ax.set(ylabel=ylabel, yscale="log", title=f"{qtype}: one group quantized, rest F32\n{label}".strip())
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
