@@ -98,3 +98,31 @@ def test_exported_mix_equals_assembly(sources, tmp_path):
         assert _tensors(exported[role]) == _tensors(assembled[role]), role
     with pytest.raises(ValueError, match="not a quant type"):
         quantize_llm(f16, tmp_path / "bad", "Q9+blk.0=F16")
+
+
+def test_export_refuses_a_bad_mix_before_any_work(tiny_snapshot, tmp_path):
+    from kimia_edge.export.exporter import export_bundle
+
+    with pytest.raises(ValueError, match="not a ggml tensor type"):
+        export_bundle(tiny_snapshot, tmp_path / "b", llm_quants=("Q4_K_M+blk.0=Q9",))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_bundle_with_a_mix_verifies_and_opens(tiny_snapshot, tmp_path):
+    """Heavy (an export): a bundle exported with a mix lists it as an LLM precision, verifies, and its files open in
+    the runtime's llama.cpp backend with the overridden layer at its type."""
+    from kimia_edge.export.exporter import export_bundle
+    from kimia_edge.runtime.bundle import load_bundle, verify_bundle
+    from kimia_edge.runtime.spec.graphs import llm_artifact
+
+    spec = "Q8_0+trunk.blk.1=F32"
+    out = export_bundle(tiny_snapshot, tmp_path / "b", precisions=("fp32",), graphs=("adaptor",),
+                        llm_precision="f16", llm_quants=(spec,))
+    assert verify_bundle(out) == []
+    manifest = load_bundle(out)
+    trunk, audio = (out / manifest.artifact(llm_artifact(r), spec).path for r in ROLES)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(trunk)).tensors}
+    assert {types[n] for n in types if n.startswith("blk.1.")} == {"F32"}
+    adaptor = out / manifest.artifact(llm_artifact("adaptor"), "F16").path
+    assert np.isfinite(_logits({"trunk": trunk, "audio": audio}, adaptor)).all()
