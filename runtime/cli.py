@@ -72,7 +72,8 @@ def options_from_args(args: argparse.Namespace, text_only: bool = False):
     streaming = {"first_chunk_tokens": args.first_chunk_tokens} if args.first_chunk_tokens else {}
     options = PipelineOptions(precision=args.precision, llm_precision=args.llm_precision, device=args.device,
                               threads=args.threads, n_gpu_layers=args.n_gpu_layers, streaming=streaming,
-                              text_only=text_only, prepack=not args.fast_start)
+                              text_only=text_only, prepack=not args.fast_start,
+                              low_memory=args.low_memory)
     try:
         options.validate()
     except ValueError as e:
@@ -311,6 +312,10 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-start", action="store_true",
                    help="open the ONNX graphs without repacking their weights: ready in seconds instead of a minute at "
                         "full size, synthesis somewhat slower (docs/benchmarks.md)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="open the audio encoders for each turn and free them after encoding, open the DiT and vocoder "
+                        "only for a spoken answer and free them after it: less peak memory, each turn pays the "
+                        "opening (pair it with --fast-start; docs/benchmarks.md)")
 
 
 def _guarded(handler):

@@ -29,6 +29,7 @@ from kimia_edge.runtime.generation import GenerationConfig, IncrementalTextDecod
 from kimia_edge.runtime.history import ANSWER_RESERVE_STEPS, TrimResult, trim_history
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.metrics import RunMetrics
+from kimia_edge.runtime.on_demand import OnDemand
 from kimia_edge.runtime.prompt import AudioEncoding, Prompt, build_prompt
 from kimia_edge.runtime.sessions import DEVICES
 from kimia_edge.runtime.special_tokens import SpecialTokens
@@ -61,7 +62,10 @@ class PipelineOptions:
     let ONNX Runtime repack the weights when a session opens (faster steady state, slower start; False starts in
     seconds: see ``runtime/sessions.open_session``). ``n_ctx``: LLM context in positions (12.5 per second of speech,
     history included; None: the backend's default, 4096), at most the model's context length; a conversation trims
-    its oldest history to stay inside it.
+    its oldest history to stay inside it. ``low_memory``: the audio encoders are opened for each turn's encoding and
+    freed right after it, the DiT and vocoder are opened only when a turn answers with speech and freed when it ends
+    (same output; each turn pays the opening time, best with ``prepack=False``; a bundle file that ONNX Runtime
+    cannot open is then reported by the turn that opens it, not at load).
     """
 
     precision: Optional[str] = None
@@ -74,6 +78,7 @@ class PipelineOptions:
     cache_dir: Optional[Path] = None
     prepack: bool = True
     n_ctx: Optional[int] = None
+    low_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
@@ -105,9 +110,16 @@ class PipelineOptions:
         return cfg
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Components:
-    """Everything a turn needs. ``make_detokenizer(noise)`` returns a fresh streaming detokenizer."""
+    """Everything a turn needs. ``make_detokenizer(noise)`` returns a fresh streaming detokenizer.
+    ``release_encoders()`` is called once a turn's prompt is encoded, ``release_speech()`` when the turn is over (both
+    free the sessions in low-memory mode, do nothing otherwise). ``parts``: the bundle parts opened on demand, by
+    name (``encoders``, ``speech``)."""
 
     encode_audio: Callable[[np.ndarray], AudioEncoding]
     backend: LLMBackend
@@ -117,6 +129,9 @@ class Components:
     token_offset: int
     output_sample_rate_hz: int
     providers: Dict[str, str] = field(default_factory=dict)
+    release_encoders: Callable[[], None] = _nothing
+    release_speech: Callable[[], None] = _nothing
+    parts: Dict[str, OnDemand] = field(default_factory=dict)
 
 
 def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
@@ -184,7 +199,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     from kimia_edge.runtime.bundle import ensure_usable, read_manifest
     from kimia_edge.runtime.dit_onnx import OnnxDitStep, OnnxVocoder
     from kimia_edge.runtime.llm_llamacpp import LlamaCppBackend
-    from kimia_edge.runtime.sessions import open_session
+    from kimia_edge.runtime.sessions import Session, open_session
 
     options.validate()
     bundle = Path(bundle)
@@ -194,12 +209,30 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     streaming = options.streaming_config(model.streaming)
     ensure_usable(bundle, manifest, artifacts.values(), options.cache_dir)
 
-    sessions = {name: open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
-                                   cache_dir=options.cache_dir, prepack=options.prepack)
-                for name in RUNTIME_GRAPHS if name in artifacts}
-    codebook = np.load(bundle / artifacts[VQ_CODEBOOK].path, allow_pickle=False)
-    tokenizer = OnnxAudioTokenizer(sessions["vq_encoder"], sessions["whisper_encoder"], codebook,
-                                   model.vq_encoder, model.whisper_encoder)
+    providers: Dict[str, str] = {}
+
+    def open_graph(name: str) -> Session:
+        session = open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
+                               cache_dir=options.cache_dir, prepack=options.prepack)
+        providers[name] = f"{session.provider} ({artifacts[name].precision})"
+        return session
+
+    # memory-mapped: the codebook's pages are the file's, not a copy on the heap
+    codebook = np.load(bundle / artifacts[VQ_CODEBOOK].path, allow_pickle=False, mmap_mode="r")
+    encoders = OnDemand("audio encoders", lambda: OnnxAudioTokenizer(
+        whisper=open_graph("whisper_encoder"), vq=open_graph("vq_encoder"), codebook=codebook,
+        vq_config=model.vq_encoder, whisper_config=model.whisper_encoder))
+    parts = {"encoders": encoders}
+    make_detokenizer = _no_speech_output
+    if not options.text_only:
+        dit = model.dit
+        speech = parts["speech"] = OnDemand("DiT and vocoder", lambda: (
+            OnnxDitStep(open_graph("dit_step"), dit.depth, dit.num_heads, dit.head_dim),
+            OnnxVocoder(open_graph("vocoder"))))
+        make_detokenizer = lambda noise: StreamingDetokenizer(*speech.get(), streaming, dit, noise=noise)  # noqa: E731
+    if not options.low_memory:  # everything opens now, and stays open
+        for part in parts.values():
+            part.get()
     adaptor = artifacts.get(LLM_ADAPTOR)
     backend = LlamaCppBackend(bundle / artifacts[LLM_TRUNK].path,
                               bundle / artifacts[LLM_AUDIO].path if LLM_AUDIO in artifacts else None,
@@ -208,21 +241,16 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
                               **({"n_ctx": options.n_ctx} if options.n_ctx else {}))
     check_bundle_agrees(manifest, artifacts, streaming, backend.info.token_offset, backend.info.vocab_size)
 
-    make_detokenizer = _no_speech_output
-    if not options.text_only:
-        dit = model.dit
-        dit_step = OnnxDitStep(sessions["dit_step"], dit.depth, dit.num_heads, dit.head_dim)
-        vocoder = OnnxVocoder(sessions["vocoder"])
-        make_detokenizer = lambda noise: StreamingDetokenizer(dit_step, vocoder, streaming, dit, noise=noise)  # noqa: E731
     text_dir = bundle / Path(artifacts[TEXT_TOKENIZER].path).parent
-    providers = {name: f"{s.provider} ({artifacts[name].precision})" for name, s in sessions.items()}
     llm_precision = artifacts[LLM_TRUNK].precision
     providers["llm"] = f"llama.cpp {llm_precision}" + (
         f", {options.n_gpu_layers} layers on GPU" if options.n_gpu_layers else " (CPU)")
+    release = {name: (part.release if options.low_memory else _nothing) for name, part in parts.items()}
     return Components(
-        encode_audio=tokenizer.encode, backend=backend, make_detokenizer=make_detokenizer,
+        encode_audio=lambda clip: encoders.get().encode(clip), backend=backend, make_detokenizer=make_detokenizer,
         tokens=model.special_tokens, text_tokenizer=TextTokenizer.from_snapshot(text_dir),
         token_offset=model.token_offset, output_sample_rate_hz=model.output_sample_rate_hz, providers=providers,
+        release_encoders=release["encoders"], release_speech=release.get("speech", _nothing), parts=parts,
     )
 
 
@@ -342,35 +370,45 @@ class Conversation:
         clip = to_16k_mono(np.asarray(samples, dtype=np.float32), sample_rate_hz)
         config = config or generation_config(task, seed)
         with self.pipeline._turn_lock:
-            start = time.perf_counter()
-            detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
-            prompt, trim = fit_prompt(c, task, clip, self.history, config)
-            encode_s = time.perf_counter() - start
-            streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
-                                      c.text_tokenizer.decode_bytes, detokenizer)
-            if trim.trimmed:
-                self.history = trim.history
-                log.info("history trimmed: %d turns and %d user audio dropped", trim.dropped_turns, trim.dropped_audio)
-            text: List[str] = []
-            events = iter(streaming)
-            self._running = streaming
-            ended = False  # True once the iteration ended normally, was cancelled, or was closed by the caller
             try:
-                if trim.trimmed:
-                    yield HistoryTrimmedEvent(trim.dropped_turns, trim.dropped_audio, _trim_reason(trim, c.backend))
-                for event in events:
-                    if isinstance(event, TextEvent):
-                        text.append(event.text)
-                    yield event
-                ended = True
-            except GeneratorExit:
-                ended = True
-                raise
-            finally:  # closing this generator (or dropping it) cancels the turn and joins its threads
-                events.close()
-                self._running = None
-                if ended:
-                    self._record(streaming, clip, "".join(text), encode_s, config.output_type)
+                yield from self._locked_turn(c, clip, task, config, seed)
+            finally:  # low-memory mode: the DiT and vocoder are freed once the turn's detokenizer is gone
+                c.release_speech()
+
+    def _locked_turn(self, c: Components, clip: np.ndarray, task: str, config: GenerationConfig,
+                     seed: Optional[int]) -> Iterator[Event]:
+        start = time.perf_counter()
+        detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
+        try:
+            prompt, trim = fit_prompt(c, task, clip, self.history, config)
+        finally:  # low-memory mode: the encoders are freed as soon as the prompt is encoded
+            c.release_encoders()
+        encode_s = time.perf_counter() - start
+        streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
+                                  c.text_tokenizer.decode_bytes, detokenizer)
+        if trim.trimmed:
+            self.history = trim.history
+            log.info("history trimmed: %d turns and %d user audio dropped", trim.dropped_turns, trim.dropped_audio)
+        text: List[str] = []
+        events = iter(streaming)
+        self._running = streaming
+        ended = False  # True once the iteration ended normally, was cancelled, or was closed by the caller
+        try:
+            if trim.trimmed:
+                yield HistoryTrimmedEvent(trim.dropped_turns, trim.dropped_audio, _trim_reason(trim, c.backend))
+            for event in events:
+                if isinstance(event, TextEvent):
+                    text.append(event.text)
+                yield event
+            ended = True
+        except GeneratorExit:
+            ended = True
+            raise
+        finally:  # closing this generator (or dropping it) cancels the turn and joins its threads
+            events.close()
+            self._running = None
+            if ended:
+                self._record(streaming, clip, "".join(text), encode_s, config.output_type)
 
     def _record(self, streaming: StreamingTurn, clip: np.ndarray, answer: str, encode_s: float,
                 output_type: str) -> None:
