@@ -20,17 +20,13 @@ from typing import Dict, List
 
 import numpy as np
 
-from kimia_edge.runtime.metrics import machine_label
+from kimia_edge.runtime.metrics import machine_label, proc_status
 
 
 def _rss_mb_and_threads() -> tuple:
     """(resident MB, OS threads) of this process, from /proc/self/status."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
-    return int(fields["VmRSS"][0]) / 1024.0, int(fields["Threads"][0])
+    status = proc_status()
+    return status["VmRSS"] / 2**20, status["Threads"]
 
 
 class Sampler(threading.Thread):

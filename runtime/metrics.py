@@ -25,6 +25,23 @@ def machine_label() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def proc_status() -> Dict[str, int]:
+    """This process's /proc/self/status numbers (Linux), e.g. ``VmRSS``, ``VmHWM`` (peak RSS), ``RssAnon`` (heap
+    and other private memory), ``RssFile`` (resident pages of mapped files), ``Threads``; sizes in bytes. Empty
+    where there is no /proc."""
+    out: Dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
