@@ -64,8 +64,9 @@ class PipelineOptions:
     history included; None: the backend's default, 4096), at most the model's context length; a conversation trims
     its oldest history to stay inside it. ``low_memory``: the audio encoders are opened for each turn's encoding and
     freed right after it, the DiT and vocoder are opened only when a turn answers with speech and freed when it ends
-    (same output; each turn pays the opening time, best with ``prepack=False``; a bundle file that ONNX Runtime
-    cannot open is then reported by the turn that opens it, not at load).
+    and ONNX Runtime's CPU arena is off, so activations are returned after every run (same output; each turn pays
+    the opening time, best with ``prepack=False``; a bundle file that ONNX Runtime cannot open is then reported by
+    the turn that opens it, not at load).
     """
 
     precision: Optional[str] = None
@@ -213,7 +214,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
 
     def open_graph(name: str) -> Session:
         session = open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
-                               cache_dir=options.cache_dir, prepack=options.prepack)
+                               cache_dir=options.cache_dir, prepack=options.prepack, arena=not options.low_memory)
         providers[name] = f"{session.provider} ({artifacts[name].precision})"
         return session
 

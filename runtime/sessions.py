@@ -150,12 +150,16 @@ def open_session(
     strict: bool = False,
     prepack: bool = True,
     profile_prefix: Optional[str] = None,
+    arena: bool = True,
 ) -> Session:
     """Opens ``artifact`` of the bundle at ``bundle_root`` on the best provider ``device`` allows.
 
     ``prepack``: ONNX Runtime's CPU kernels repack every MatMul weight into their own layout when the session opens
     (a copy of the weights; 14-26 s for the full-size DiT step here) and run faster afterwards (5.4-7.0 vs 7.05 s per
     full-size DiT step, docs/benchmarks.md). False opens in a fraction of a second on the memory-mapped weights.
+    ``arena``: ONNX Runtime's CPU memory arena keeps the activations' memory between runs (the largest run's, for
+    the session's life); False returns it after every run (low-memory mode: about 100 MiB less per small-size
+    Whisper session after a run, docs/benchmarks.md).
 
     ``cache_dir``: the cache root (default ``default_cache_dir()``): engines in ``engines/``, the TensorRT EP's
     caches in ``trt-ep/``. Logs the provider it got at INFO, and every fallback at WARNING with the reason; with
@@ -196,6 +200,7 @@ def open_session(
     if profile_prefix is not None:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
+    so.enable_cpu_mem_arena = arena
     if TRT_EP in plan:
         try:
             (cache_root / TRT_EP_SUBDIR).mkdir(parents=True, exist_ok=True)
