@@ -230,6 +230,13 @@ def plot(rows: Sequence[Dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _label(max_steps: int) -> str:
+    from kimia_edge.runtime.metrics import machine_label
+
+    return (f"{machine_label()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+            f"load average {' '.join(open('/proc/loadavg').read().split()[:3])}; {max_steps} LLM steps per turn")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, action="append", required=True, help="repeat for several bundles")
@@ -252,8 +259,6 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from kimia_edge.runtime.metrics import machine_label
-
     work = Path(tempfile.mkdtemp(prefix="memory-bench-"))
     clips = [make_clip(args.audio, s, work / f"clip-{s:g}s.wav") for s in args.clips]
     extra = ["--threads", str(args.threads), *args.extra.split()]
@@ -269,12 +274,12 @@ def main() -> None:
                 if key not in rows or row["peak_hwm"] > rows[key]["peak_hwm"]:  # the worst round: a peak is a bound
                     rows[key] = row
                 bar.update()
-    label = (f"{machine_label()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-             f"load average {open('/proc/loadavg').read().split()[:3]}; {args.max_steps} LLM steps per turn")
+                if args.json:  # after every row: an interrupted run keeps what it measured
+                    args.json.write_text(json.dumps({"machine": _label(args.max_steps), "rows": list(rows.values())},
+                                                    indent=2))
+    label = _label(args.max_steps)
     print(label)
     print(table(list(rows.values())))
-    if args.json:
-        args.json.write_text(json.dumps({"machine": label, "rows": list(rows.values())}, indent=2))
     if args.png:
         plot(list(rows.values()), label, args.png)
 
