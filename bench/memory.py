@@ -16,7 +16,7 @@ Modes: ``default`` (``chat``), ``fast-start`` (``--fast-start``: no ONNX Runtime
 ``low-memory`` (``--low-memory``), ``low-memory+fast-start``, ``text-only`` (what ``transcribe`` opens; the asr
 task). Rows are interleaved (clip, mode) within a round.
 
-    python bench/memory.py --bundle DIR [--bundle DIR2] [--clips 5 30 120] [--modes default fast-start ...]
+    python bench/memory.py --bundle DIR [--bundle DIR2] [--clips 5 30 90] [--modes default fast-start ...]
         [--max-steps 60] [--repeats 1] [--json out.json] [--png memory.png]
     python bench/memory.py --bundle DIR --session-layouts DIR/whisper_encoder.fp32.onnx DIR/dit_step.fp32.onnx
 
@@ -33,6 +33,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -183,7 +184,7 @@ def run_row(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence
 def table(rows: Sequence[Dict]) -> str:
     """Markdown: one line per (bundle, clip, mode); MiB; ratio = peak (VmHWM) / bytes opened."""
     head = ("| bundle | clip | mode | opened | base | after open (file + anon) | peak VmHWM | peak anon | peak file "
-            "| peak / opened | (peak - base) / opened |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "| peak / opened | (peak - base) / opened | LLM steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         m = {k: r[k] / MIB for k in r if isinstance(r[k], int) and k != "llm_steps"}
@@ -191,7 +192,7 @@ def table(rows: Sequence[Dict]) -> str:
             f"| {Path(r['bundle']).name} | {r['clip_s']:.0f} s | {r['mode']} | {m['opened_bytes']:.0f} | "
             f"{m['base_rss']:.0f} | {m['open_rss']:.0f} ({m['open_file']:.0f} + {m['open_anon']:.0f}) | "
             f"{m['peak_hwm']:.0f} | {m['peak_anon']:.0f} | {m['peak_file']:.0f} | "
-            f"{r['peak_hwm'] / r['opened_bytes']:.2f} | {(r['peak_hwm'] - r['base_rss']) / r['opened_bytes']:.2f} |")
+            f"{r['peak_hwm'] / r['opened_bytes']:.2f} | {(r['peak_hwm'] - r['base_rss']) / r['opened_bytes']:.2f} | {r['llm_steps']} |")
     return "\n".join(lines)
 
 
@@ -224,7 +225,7 @@ def plot(rows: Sequence[Dict], title: str, path: Path) -> None:
         ax.set_ylabel("peak RSS (MiB)")
         ax.set_title(Path(bundle).name)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -239,8 +240,10 @@ def _label(max_steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, action="append", required=True, help="repeat for several bundles")
-    parser.add_argument("--clips", type=float, nargs="+", default=[5, 30, 120], help="clip lengths in seconds")
+    parser.add_argument("--bundle", type=Path, action="append", help="repeat for several bundles")
+    parser.add_argument("--clips", type=float, nargs="+", default=[5, 30, 90],
+                        help="clip lengths in seconds (chat: under 115 s, the official 1500-position budget of a "
+                             "speech turn, prompt included; asr takes longer clips)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--audio", type=Path, default=DEFAULT_AUDIO, help="speech files to build the clips from")
     parser.add_argument("--max-steps", type=int, default=60, help="LLM steps per turn")
@@ -252,7 +255,19 @@ def main() -> None:
     parser.add_argument("--session-layouts", type=Path, nargs="+", metavar="GRAPH",
                         help="instead of the rows: what one session of each .onnx costs with its weights inside the "
                              "file vs in external data, prepacked or not (needs onnx, the build extra)")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="no measuring: the table and --png of earlier --json files, merged")
     args = parser.parse_args()
+    if args.replot:
+        runs = [json.loads(p.read_text()) for p in args.replot]
+        rows = [r for run in runs for r in run["rows"]]
+        print("\n".join(run["machine"] for run in runs))
+        print(table(rows))
+        if args.png:
+            plot(rows, " | ".join(run["machine"] for run in runs), args.png)
+        return
+    if not args.bundle:
+        parser.error("--bundle is required (unless --replot)")
     if args.session_layouts:
         print(session_layouts(args.session_layouts, Path(tempfile.mkdtemp(prefix="memory-layouts-"))))
         return
