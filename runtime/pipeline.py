@@ -379,11 +379,15 @@ class Conversation:
     def _locked_turn(self, c: Components, clip: np.ndarray, task: str, config: GenerationConfig,
                      seed: Optional[int]) -> Iterator[Event]:
         start = time.perf_counter()
-        detokenizer = c.make_detokenizer(turn_noise(seed)) if config.output_type == "both" else None  # before any work
+        speech = config.output_type == "both"
+        if speech and c.make_detokenizer is _no_speech_output:  # a text-only pipeline refuses before any work
+            _no_speech_output(turn_noise(seed))
         try:
             prompt, trim = fit_prompt(c, task, clip, self.history, config)
         finally:  # low-memory mode: the encoders are freed as soon as the prompt is encoded
             c.release_encoders()
+        # opened after the encoders are gone: in low-memory mode the two are never in memory together
+        detokenizer = c.make_detokenizer(turn_noise(seed)) if speech else None
         encode_s = time.perf_counter() - start
         streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
                                   c.text_tokenizer.decode_bytes, detokenizer)
