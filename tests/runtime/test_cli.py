@@ -160,6 +160,17 @@ def test_a_gpu_device_on_a_machine_without_one_is_one_line(bundle: Path, shared_
     assert len(err) == 1 and err[0].startswith("error: ") and "onnxruntime-gpu" in err[0]
 
 
+def _has_open_file_under(pid: int, folder: Path) -> bool:
+    """Whether process ``pid`` holds a file under ``folder`` open (Linux /proc)."""
+    import os
+
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        return any(os.readlink(fd).startswith(str(folder.resolve())) for fd in fds.iterdir())
+    except OSError:  # the process or one of its descriptors went away meanwhile
+        return False
+
+
 @pytest.mark.parametrize("when", ["loading", "mid-turn"])
 def test_ctrl_c_exits_130_with_one_line(bundle: Path, shared_audio: Path, tmp_path: Path, when: str) -> None:
     import signal
@@ -171,8 +182,10 @@ def test_ctrl_c_exits_130_with_one_line(bundle: Path, shared_audio: Path, tmp_pa
     proc = subprocess.Popen([sys.executable, "-m", "kimia_edge.cli", "chat", "--bundle", str(bundle), "--input",
                              str(shared_audio / "qa_example.wav"), "--output", str(out), "--max-steps", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if when == "loading":
-        time.sleep(1.0)  # inside the imports and the bundle's opening
+    if when == "loading":  # once it has a file of the bundle open: a fixed sleep lands in the interpreter's start
+        deadline = time.monotonic() + 120       # on a loaded machine, before Python handles SIGINT at all
+        while not _has_open_file_under(proc.pid, bundle) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
     else:
         proc.stdout.read(1)  # the answer has started streaming
     proc.send_signal(signal.SIGINT)
