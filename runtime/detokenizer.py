@@ -29,8 +29,8 @@ import numpy as np
 from kimia_edge.runtime.dit_config import TIMESTEP_SCALE, DitConfig
 from kimia_edge.runtime.spec.streaming import StreamingConfig
 
-__all__ = ["StreamingDetokenizer", "WaveChunk", "DitStep", "Vocoder", "NoiseSource", "euler_time_grid",
-           "hamming_window_periodic", "PRIMING_T"]
+__all__ = ["StreamingDetokenizer", "WaveChunk", "MelChunk", "Interrupted", "DitStep", "Vocoder", "NoiseSource",
+           "euler_time_grid", "hamming_window_periodic", "PRIMING_T"]
 
 DitStep = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                    Tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -91,6 +91,19 @@ def hamming_window_periodic(length: int) -> np.ndarray:
 
 class Interrupted(Exception):
     """Raised inside ``push`` / ``finish`` when ``StreamingDetokenizer.interrupt`` was set (a cancelled turn)."""
+
+
+@dataclass(frozen=True)
+class MelChunk:
+    """One chunk after the DiT, before the vocoder: ``mel`` [frames, 80] de-normalised; the other fields as in
+    ``WaveChunk``."""
+
+    index: int
+    mel: np.ndarray
+    start_position: int
+    prefix_frames: int
+    is_final: bool
+    positions_reset: bool
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,21 @@ class StreamingDetokenizer:
 
     def push(self, tokens: Iterable[int]) -> Iterator[WaveChunk]:
         """Buffers semantic ids (12.5 Hz, values in [0, semantic_vocab_size)) and yields the chunks that can run."""
+        for chunk in self.runnable(tokens):
+            yield self._run_chunk(chunk, is_final=False)
+
+    def finish(self) -> Iterator[WaveChunk]:
+        """Runs the buffered tail as the final chunk (no look-ahead withheld, no cross-fade) and resets."""
+        try:
+            tail = self.take_tail()
+            if tail.size:
+                yield self._run_chunk(tail, is_final=True)
+        finally:
+            self.reset()
+
+    def runnable(self, tokens: Iterable[int]) -> Iterator[np.ndarray]:
+        """Buffers ``tokens`` and yields the token ids of each chunk that can run now (one is known not to be the
+        last: at least one token beyond it has arrived). Run each with ``dit_chunk`` before taking the next."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.dit.semantic_vocab_size):
             raise ValueError(f"tokens: expected ids in [0, {self.dit.semantic_vocab_size}), "
@@ -165,15 +193,12 @@ class StreamingDetokenizer:
         while self._pending.size > self.config.chunk_tokens_at(self._chunk_index):
             n = self.config.chunk_tokens_at(self._chunk_index)
             chunk, self._pending = self._pending[:n], self._pending[n:]
-            yield self._run_chunk(chunk, is_final=False)
+            yield chunk
 
-    def finish(self) -> Iterator[WaveChunk]:
-        """Runs the buffered tail as the final chunk (no look-ahead withheld, no cross-fade) and resets."""
-        try:
-            if self._pending.size:
-                yield self._run_chunk(self._pending, is_final=True)
-        finally:
-            self.reset()
+    def take_tail(self) -> np.ndarray:
+        """The buffered ids not yet run (the final chunk's), removed from the buffer."""
+        tail, self._pending = self._pending, np.zeros(0, dtype=np.int64)
+        return tail
 
     @property
     def start_position(self) -> int:
@@ -230,6 +255,12 @@ class StreamingDetokenizer:
         return vel[0].astype(np.float32, copy=False), k, v
 
     def _run_chunk(self, tokens: np.ndarray, is_final: bool) -> WaveChunk:
+        return self.vocode_chunk(self.dit_chunk(tokens, is_final))
+
+    def dit_chunk(self, tokens: np.ndarray, is_final: bool) -> "MelChunk":
+        """The DiT half of one chunk: Euler integration, priming, K/V cache and position update, de-normalised mel.
+        Touches only the DiT state, so ``vocode_chunk`` of this chunk may run on another thread while the next
+        chunk's ``dit_chunk`` runs (runtime/synthesis_pipeline.py); ``vocode_chunk`` calls must stay in order."""
         cfg, d = self.config, self.dit
         ids = np.repeat(tokens, cfg.upsample_factor)
         if self._carry is not None:
@@ -268,17 +299,24 @@ class StreamingDetokenizer:
 
         mel = out * np.float32(d.mel_std) + np.float32(d.mel_mean) if d.normalize_mel else out
         mel = np.ascontiguousarray(mel, dtype=np.float32)
-        wav, vocoder_in = self._stitch(mel, is_final)
 
         positions_reset = False
         if not is_final and self._needs_reset(emitted):
             self._clear_dit_state()      # look-ahead ids and the held-back mel / wav are kept (official)
             self.resets += 1
             positions_reset = True
-        chunk = WaveChunk(index=self._chunk_index, wav=wav, mel=mel, vocoder_in_mel=vocoder_in, start_position=start,
-                          prefix_frames=prefix_frames, is_final=is_final, positions_reset=positions_reset)
+        chunk = MelChunk(index=self._chunk_index, mel=mel, start_position=start, prefix_frames=prefix_frames,
+                         is_final=is_final, positions_reset=positions_reset)
         self._chunk_index += 1
         return chunk
+
+    def vocode_chunk(self, chunk: "MelChunk") -> WaveChunk:
+        """The vocoder half of one chunk: vocode (held-back mel ‖ mel) and cross-fade; updates the held-back mel/wav.
+        Call it once per ``dit_chunk`` result, in chunk order."""
+        wav, vocoder_in = self._stitch(chunk.mel, chunk.is_final)
+        return WaveChunk(index=chunk.index, wav=wav, mel=chunk.mel, vocoder_in_mel=vocoder_in,
+                         start_position=chunk.start_position, prefix_frames=chunk.prefix_frames,
+                         is_final=chunk.is_final, positions_reset=chunk.positions_reset)
 
     def _needs_reset(self, emitted: int) -> bool:
         """Official rule: start + 2·emitted > max_positions. Added guard for non-official schedules (growing chunks):

@@ -22,12 +22,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
-from kimia_edge.runtime.detokenizer import Interrupted, StreamingDetokenizer
+from kimia_edge.runtime.detokenizer import Interrupted, StreamingDetokenizer, WaveChunk
 from kimia_edge.runtime.generation import GenerationConfig, GenerationStep, IncrementalTextDecoder, generate_steps
 from kimia_edge.runtime.llm_backend import LLMBackend
 from kimia_edge.runtime.prompt import Prompt
 from kimia_edge.runtime.rings import AudioRing, RingClosedError, TokenRing
 from kimia_edge.runtime.special_tokens import SpecialTokens
+from kimia_edge.runtime.synthesis_pipeline import SynthesisPipeline
 
 TOKEN_RING_CAPACITY = 4096  # 5.5 min of 12.5 Hz tokens: the LLM never waits for the detokenizer
 _AUDIO_READ_SAMPLES = 4800  # 0.2 s at 24 kHz per read by the consumer
@@ -100,11 +101,13 @@ class StreamingTurn:
 
     def __init__(self, backend: LLMBackend, prompt: Prompt, tokens: SpecialTokens, token_offset: int,
                  config: GenerationConfig, decode_bytes: Callable[[List[int]], bytes],
-                 detokenizer: Optional[StreamingDetokenizer], audio_capacity_samples: int = 24_000 * 60) -> None:
+                 detokenizer: Optional[StreamingDetokenizer], audio_capacity_samples: int = 24_000 * 60,
+                 pipelined: bool = False) -> None:
         self.backend, self.prompt, self.tokens, self.token_offset = backend, prompt, tokens, token_offset
         self.config = config
         self.decoder = IncrementalTextDecoder(decode_bytes)
         self.detokenizer = detokenizer if config.output_type == "both" else None
+        self.pipelined = pipelined  # vocoder of chunk k beside the DiT of chunk k+1 (runtime/synthesis_pipeline.py)
         self.token_ring = TokenRing(TOKEN_RING_CAPACITY, "block")
         # 'block': the synthesis thread waits for a slow consumer rather than dropping speech
         self.audio_ring = AudioRing(audio_capacity_samples, "block")
@@ -175,29 +178,43 @@ class StreamingTurn:
 
     def _synthesize(self) -> None:
         det = self.detokenizer
+        pipe = SynthesisPipeline(det, self._write_chunk) if self.pipelined else None
+        push = pipe.push if pipe else lambda ids: self._write_chunks(det.push(ids))
+        finish = pipe.finish if pipe else lambda: self._write_chunks(det.finish())
         buf = np.empty(_SYNTH_READ_TOKENS, dtype=np.int32)
         try:
             while self.token_ring.wait_readable(1):  # False only once closed and drained
                 n = self.token_ring.read_into_nowait(buf[: min(len(buf), self.token_ring.available)])
-                self._emit(det.push(buf[:n].astype(np.int64)))
+                self._timed(lambda: push(buf[:n].astype(np.int64)))
             if not self._cancel.is_set():
-                self._emit(det.finish())
+                self._timed(finish)
         except (Interrupted, RingClosedError):
             if not self._cancel.is_set():
                 self.events.put(RuntimeError("synthesis stopped: its ring was closed while the turn was running"))
         except BaseException as exc:
             self.events.put(exc)
         finally:
+            if pipe is not None:
+                pipe.close()
             self.audio_ring.close()
 
-    def _emit(self, chunks: Iterator) -> None:
+    def _timed(self, work: Callable[[], None]) -> None:
+        """Runs ``work`` and adds its wall time to ``stats.synth_seconds`` (pipelined: the DiT, plus the wait for
+        the last vocoder call at the end)."""
         start = time.perf_counter()
-        for chunk in chunks:
-            if self.stats.first_audio_s is None and len(chunk.wav):
-                self.stats.first_audio_s = time.perf_counter() - self._t0
-            self.audio_ring.write(np.ascontiguousarray(chunk.wav, dtype=np.float32))
-            self.stats.audio_samples += len(chunk.wav)
+        work()
         self.stats.synth_seconds += time.perf_counter() - start
+
+    def _write_chunks(self, chunks: Iterator[WaveChunk]) -> None:
+        for chunk in chunks:
+            self._write_chunk(chunk)
+
+    def _write_chunk(self, chunk: WaveChunk) -> None:
+        """Hands a chunk's samples to the consumer (the synthesis thread, or the vocoder worker when pipelined)."""
+        if self.stats.first_audio_s is None and len(chunk.wav):
+            self.stats.first_audio_s = time.perf_counter() - self._t0
+        self.audio_ring.write(np.ascontiguousarray(chunk.wav, dtype=np.float32))
+        self.stats.audio_samples += len(chunk.wav)
 
     # ---- consumer ------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Event]:

@@ -27,17 +27,19 @@ def clip(shared_audio: Path) -> np.ndarray:
     return to_16k_mono(*load_audio(shared_audio / "qa_example.wav"))
 
 
-def _turn(pipe: GoldenPipeline, clip: np.ndarray, task: str, config, detokenizer) -> StreamingTurn:
+def _turn(pipe: GoldenPipeline, clip: np.ndarray, task: str, config, detokenizer, pipelined: bool = False
+          ) -> StreamingTurn:
     prompt = build_prompt(task_messages(task, clip), config.output_type, pipe.tokens, pipe.token_offset,
                           pipe.text_tokenizer.encode, lambda c: pipe.encode_audio(np.asarray(c)))
     return StreamingTurn(pipe.backend, prompt, pipe.tokens, pipe.token_offset, config,
-                         pipe.text_tokenizer.decode_bytes, detokenizer)
+                         pipe.text_tokenizer.decode_bytes, detokenizer, pipelined=pipelined)
 
 
-def test_streaming_turn_equals_the_golden_pipeline(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+def test_streaming_turn_equals_the_golden_pipeline(pipe: GoldenPipeline, clip: np.ndarray, pipelined: bool) -> None:
     config = generation_config("chat", seed=4, step_limit=90)
     golden = pipe.run("chat", clip, seed=4, config=config)
-    turn = _turn(pipe, clip, "chat", config, pipe.detokenizer(np.random.default_rng(5)))  # run() uses seed + 1
+    turn = _turn(pipe, clip, "chat", config, pipe.detokenizer(np.random.default_rng(5)), pipelined)  # run(): seed + 1
     events = list(turn)
     text = "".join(e.text for e in events if isinstance(e, TextEvent))
     audio = [e.samples for e in events if isinstance(e, AudioEvent)]
@@ -57,10 +59,12 @@ def test_text_task_runs_no_synthesis(pipe: GoldenPipeline, clip: np.ndarray) -> 
     assert turn.stats.llm_steps == 8
 
 
-def test_a_failure_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+def test_a_failure_in_the_synthesis_thread_reaches_the_caller(pipe: GoldenPipeline, clip: np.ndarray,
+                                                               pipelined: bool) -> None:
     det = pipe.detokenizer(np.random.default_rng(0))
     det.vocoder = lambda mel: (_ for _ in ()).throw(RuntimeError("vocoder exploded"))
-    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=60), det)
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=60), det, pipelined)
     with pytest.raises(RuntimeError, match="vocoder exploded"):
         list(turn)
 
@@ -72,12 +76,14 @@ def _wait_for(predicate, seconds: float = 30.0) -> bool:
     return predicate()
 
 
-def test_cancel_from_another_thread_stops_both_threads_between_calls(pipe: GoldenPipeline, clip: np.ndarray) -> None:
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+def test_cancel_from_another_thread_stops_both_threads_between_calls(pipe: GoldenPipeline, clip: np.ndarray,
+                                                                     pipelined: bool) -> None:
     det = pipe.detokenizer(np.random.default_rng(0))
     calls = []
     step = det.dit_step
     det.dit_step = lambda *a: calls.append(1) or step(*a)  # count the DiT's network calls
-    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=400), det)
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=1, step_limit=400), det, pipelined)
     events = iter(turn)
     first_audio = next(e for e in events if isinstance(e, AudioEvent))  # synthesis is running
     assert first_audio.samples.size > 0
@@ -91,8 +97,9 @@ def test_cancel_from_another_thread_stops_both_threads_between_calls(pipe: Golde
     assert all(isinstance(e, (TextEvent, AudioEvent)) for e in rest)
 
 
-def test_closing_the_iterator_cancels_the_turn(pipe: GoldenPipeline, clip: np.ndarray) -> None:
-    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=2, step_limit=400), pipe.detokenizer())
+@pytest.mark.parametrize("pipelined", [False, True], ids=["serial", "pipelined"])
+def test_closing_the_iterator_cancels_the_turn(pipe: GoldenPipeline, clip: np.ndarray, pipelined: bool) -> None:
+    turn = _turn(pipe, clip, "chat", generation_config("chat", seed=2, step_limit=400), pipe.detokenizer(), pipelined)
     events = iter(turn)
     next(events)
     events.close()
