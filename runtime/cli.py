@@ -72,8 +72,8 @@ def options_from_args(args: argparse.Namespace, text_only: bool = False):
     streaming = {"first_chunk_tokens": args.first_chunk_tokens} if args.first_chunk_tokens else {}
     options = PipelineOptions(precision=args.precision, llm_precision=args.llm_precision, device=args.device,
                               threads=args.threads, n_gpu_layers=args.n_gpu_layers, streaming=streaming,
-                              text_only=text_only, prepack=not args.fast_start,
-                              low_memory=args.low_memory)
+                              text_only=text_only, prepack=not args.fast_start, low_memory=args.low_memory,
+                              schedule=args.schedule, pipelined_synthesis=args.pipelined_synthesis)
     try:
         options.validate()
     except ValueError as e:
@@ -295,6 +295,7 @@ def _threads(text: str) -> int:
 def _runtime_options(p: argparse.ArgumentParser) -> None:
     from kimia_edge.runtime.sessions import DEVICES
     from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
+    from kimia_edge.runtime.spec.streaming import SCHEDULES
 
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--precision", type=_precisions,
@@ -306,6 +307,12 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_threads, help=f"CPU threads (1..{_max_threads()}: 4 per core here)")
     p.add_argument("--n-gpu-layers", type=_count(0), default=0, help="LLM layers on the GPU (untested on GPU)")
     p.add_argument("--first-chunk-tokens", type=_count(1), help="smaller first detokenizer chunk = earlier first audio")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="official",
+                   help="detokenizer chunk schedule: official (30-token chunks), first10 (10 then 30), growing "
+                        "(10, 20, then 30): earlier first audio (docs/benchmarks.md); --first-chunk-tokens overrides "
+                        "its first chunk")
+    p.add_argument("--pipelined-synthesis", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the vocoder of one chunk beside the DiT of the next (same samples; docs/benchmarks.md)")
     p.add_argument("--max-steps", type=_count(1), help="cap on generation steps (not official)")
     p.add_argument("--seed", type=_count(0))
     p.add_argument("--json", action="store_true", help="print results and metrics as JSON")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from kimia_edge.runtime.spec.graphs import (GRAPHS, LLM_ADAPTOR, LLM_AUDIO, LLM_
                                             TEXT_ONLY_SKIPPED_GRAPHS, TEXT_TOKENIZER, VQ_CODEBOOK)
 from kimia_edge.runtime.spec.manifest import Artifact, BundleError, Manifest
 from kimia_edge.runtime.spec.precisions import DEFAULT_PRECISION_SPEC, LLM_PREFERENCE, parse_precision_spec
-from kimia_edge.runtime.spec.streaming import StreamingConfig, check_schedule_fits
+from kimia_edge.runtime.spec.streaming import StreamingConfig, check_schedule_fits, schedule_overrides
 from kimia_edge.runtime.streaming import (AudioEvent, Event, HistoryTrimmedEvent, StreamingTurn, TextEvent,
                                           text_tokens_heard)
 from kimia_edge.runtime.tasks import TASK_TABLE, generation_config, task_messages
@@ -46,6 +47,7 @@ from kimia_edge.runtime.text_tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 INPUT_SAMPLE_RATE_HZ = 16_000  # both audio encoders take 16 kHz (reference §1)
+PIPELINED_GRAPHS = ("dit_step", "vocoder")  # the sessions that run at once with pipelined_synthesis
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class PipelineOptions:
     and ONNX Runtime's CPU arena is off, so activations are returned after every run (same output; each turn pays
     the opening time, best with ``prepack=False``; a bundle file that ONNX Runtime cannot open is then reported by
     the turn that opens it, not at load).
+    ``schedule``: the named chunk schedule (``official`` 30/30, ``first10``
+    10 then 30, ``growing`` 10 -> 20 -> 30; runtime/spec/streaming.py SCHEDULES), applied before ``streaming``.
+    ``pipelined_synthesis``: the vocoder of chunk k runs on its own thread while the DiT runs chunk k+1
+    (runtime/synthesis_pipeline.py; same samples as the serial path).
     """
 
     precision: Optional[str] = None
@@ -80,6 +86,8 @@ class PipelineOptions:
     prepack: bool = True
     n_ctx: Optional[int] = None
     low_memory: bool = False
+    schedule: str = "official"
+    pipelined_synthesis: bool = False
 
     def __post_init__(self) -> None:
         if self.cache_dir is not None:
@@ -96,17 +104,26 @@ class PipelineOptions:
         if self.n_ctx is not None and self.n_ctx < 16:
             raise ValueError(f"n_ctx: expected None or >= 16 positions, got {self.n_ctx}")
         parse_precision_spec(self.precision_spec)
+        schedule_overrides(self.schedule)
         unknown = sorted(set(self.streaming) - {f.name for f in dataclasses.fields(StreamingConfig)})
         if unknown:
             raise ValueError(f"streaming: unknown field(s) {unknown}")
+
+    def session_threads(self, graph: str) -> Optional[int]:
+        """Intra-op threads of ``graph``'s ONNX session. Pipelined, the DiT step and the vocoder run at once, so each
+        gets half the threads (``threads`` or the machine's cores), at least one: two full pools on the same cores
+        make each wait at its barriers for threads the other holds (docs/benchmarks.md)."""
+        if not self.pipelined_synthesis or graph not in PIPELINED_GRAPHS:
+            return self.threads
+        return max(1, (self.threads or os.cpu_count() or 2) // 2)
 
     @property
     def precision_spec(self) -> str:
         return self.precision or DEFAULT_PRECISION_SPEC["gpu" if self.device in ("cuda", "tensorrt") else "cpu"]
 
     def streaming_config(self, bundle_default: StreamingConfig) -> StreamingConfig:
-        """The bundle's schedule with this object's overrides, validated."""
-        cfg = dataclasses.replace(bundle_default, **dict(self.streaming))
+        """The bundle's schedule with the named ``schedule`` and then ``streaming`` applied, validated."""
+        cfg = dataclasses.replace(bundle_default, **{**schedule_overrides(self.schedule), **dict(self.streaming)})
         cfg.validate()
         return cfg
 
@@ -133,6 +150,7 @@ class Components:
     release_encoders: Callable[[], None] = _nothing
     release_speech: Callable[[], None] = _nothing
     parts: Dict[str, OnDemand] = field(default_factory=dict)
+    pipelined_synthesis: bool = False  # turns run the vocoder beside the DiT (runtime/synthesis_pipeline.py)
 
 
 def _pick(manifest: Manifest, name: str, precision: str) -> Artifact:
@@ -213,7 +231,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
     providers: Dict[str, str] = {}
 
     def open_graph(name: str) -> Session:
-        session = open_session(bundle, artifacts[name], device=options.device, threads=options.threads,
+        session = open_session(bundle, artifacts[name], device=options.device, threads=options.session_threads(name),
                                cache_dir=options.cache_dir, prepack=options.prepack, arena=not options.low_memory)
         providers[name] = f"{session.provider} ({artifacts[name].precision})"
         return session
@@ -252,6 +270,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
         tokens=model.special_tokens, text_tokenizer=TextTokenizer.from_snapshot(text_dir),
         token_offset=model.token_offset, output_sample_rate_hz=model.output_sample_rate_hz, providers=providers,
         release_encoders=release["encoders"], release_speech=release.get("speech", _nothing), parts=parts,
+        pipelined_synthesis=options.pipelined_synthesis,
     )
 
 
@@ -390,7 +409,7 @@ class Conversation:
         detokenizer = c.make_detokenizer(turn_noise(seed)) if speech else None
         encode_s = time.perf_counter() - start
         streaming = StreamingTurn(c.backend, prompt, c.tokens, c.token_offset, config,
-                                  c.text_tokenizer.decode_bytes, detokenizer)
+                                  c.text_tokenizer.decode_bytes, detokenizer, pipelined=c.pipelined_synthesis)
         if trim.trimmed:
             self.history = trim.history
             log.info("history trimmed: %d turns and %d user audio dropped", trim.dropped_turns, trim.dropped_audio)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-__all__ = ["StreamingConfig", "MIN_PREFIX_SLOTS", "MIN_CHUNK_FRAMES", "GRAPH_TOKEN_FRAMES", "GRAPH_MAX_FRAMES", "dit_frames_max",
+__all__ = ["StreamingConfig", "SCHEDULES", "schedule_overrides",
+           "MIN_PREFIX_SLOTS", "MIN_CHUNK_FRAMES", "GRAPH_TOKEN_FRAMES", "GRAPH_MAX_FRAMES", "dit_frames_max",
            "vocoder_frames_max", "frames_profile", "check_schedule_fits"]
 
 # kimia.py KimiAudio.detokenize_audio: chunk_size = 30 ("hard-coded right now"), first_chunk_size = 30,
@@ -112,6 +113,29 @@ class StreamingConfig:
         if frames > self.max_positions:
             raise ValueError(f"max_positions: expected >= the largest chunk ({frames} frames incl. look-ahead), "
                              f"got {self.max_positions}")
+
+
+# ---- named schedules -----------------------------------------------------------------------------------------------
+# Overrides of the official schedule by name (PipelineOptions.schedule, ``--schedule``):
+# - official: 30-token chunks from the first one (kimia.py);
+# - first10: a 10-token first chunk, then the official 30 (earlier first audio; the listener may wait at chunk 1);
+# - growing: 10 -> 20 -> 30 tokens, then 30. Each chunk is at most twice the audio already emitted before it is due,
+#   so a synthesis a little slower than real time still fills the gap the previous chunk leaves, and the steady state
+#   is the official 30 (the DiT graphs' profile and the quality of every chunk after the third are the official
+#   ones). A ramp by +10 keeps the per-chunk overhead (12 look-ahead tokens recomputed, one priming pass) to two
+#   extra chunks.
+SCHEDULES: Dict[str, Dict[str, int]] = {
+    "official": {},
+    "first10": {"first_chunk_tokens": 10},
+    "growing": {"first_chunk_tokens": 10, "chunk_tokens": 20, "chunk_growth_tokens": 10, "max_chunk_tokens": 30},
+}
+
+
+def schedule_overrides(name: str) -> Dict[str, int]:
+    """The ``StreamingConfig`` fields that schedule ``name`` sets (ValueError naming the known ones)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {name!r}")
+    return dict(SCHEDULES[name])
 
 
 # ---- chunk geometry ------------------------------------------------------------------------------------------------
