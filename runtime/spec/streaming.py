@@ -119,11 +119,11 @@ class StreamingConfig:
 # Overrides of the official schedule by name (PipelineOptions.schedule, ``--schedule``):
 # - official: 30-token chunks from the first one (kimia.py);
 # - first10: a 10-token first chunk, then the official 30 (earlier first audio; the listener may wait at chunk 1);
-# - growing: 10 -> 20 -> 30 tokens, then 30. Each chunk is at most twice the audio already emitted before it is due,
-#   so a synthesis a little slower than real time still fills the gap the previous chunk leaves, and the steady state
-#   is the official 30 (the DiT graphs' profile and the quality of every chunk after the third are the official
-#   ones). A ramp by +10 keeps the per-chunk overhead (12 look-ahead tokens recomputed, one priming pass) to two
-#   extra chunks.
+# - growing: 10 -> 20 -> 30 tokens, then 30: the first chunk as small as first10's, and the step to the official
+#   size split in two, so the second chunk (due while the first one's short audio plays) costs 100 DiT frames instead
+#   of first10's 140; from the third chunk on it is the official schedule (same profile, same per-chunk work). +10
+#   per chunk keeps the extra cost (the 12 look-ahead tokens recomputed, one priming pass per chunk) to one chunk.
+#   Measured against the others in docs/benchmarks.md ("Synthesis pipelining and chunk schedules").
 SCHEDULES: Dict[str, Dict[str, int]] = {
     "official": {},
     "first10": {"first_chunk_tokens": 10},
