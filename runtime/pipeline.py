@@ -68,8 +68,7 @@ class PipelineOptions:
     freed right after it, the DiT and vocoder are opened only when a turn answers with speech and freed when it ends
     and ONNX Runtime's CPU arena is off, so activations are returned after every run (same output; each turn pays
     the opening time, best with ``prepack=False``; a bundle file that ONNX Runtime cannot open is then reported by
-    the turn that opens it, not at load).
-    ``schedule``: the named chunk schedule (``official`` 30/30, ``first10``
+    the turn that opens it, not at load). ``schedule``: the named chunk schedule (``official`` 30/30, ``first10``
     10 then 30, ``growing`` 10 -> 20 -> 30; runtime/spec/streaming.py SCHEDULES), applied before ``streaming``.
     ``pipelined_synthesis``: the vocoder of chunk k runs on its own thread while the DiT runs chunk k+1
     (runtime/synthesis_pipeline.py; same samples as the serial path).
