@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
-from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
+from kimia_edge.runtime.spec.precisions import DEFAULT_EXPORT_PRECISIONS, DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
 
 BUILD_MODULES = ("torch", "onnx", "onnxscript", "safetensors", "yaml")
 
@@ -143,8 +143,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     exp = sub.add_parser("export", help="export a snapshot to a bundle: ONNX graphs, GGUF LLM, manifest")
     exp.add_argument("--snapshot", type=Path, required=True)
     exp.add_argument("--out", type=Path, required=True, help="bundle folder to create")
-    exp.add_argument("--precision", nargs="+", default=list(PRECISION_NAMES), choices=PRECISION_NAMES,
-                     help="ONNX precision variants (fp32 always)")
+    exp.add_argument("--precision", nargs="+", default=list(DEFAULT_EXPORT_PRECISIONS), choices=PRECISION_NAMES,
+                     help=f"ONNX precision variants (fp32 always; default {' '.join(DEFAULT_EXPORT_PRECISIONS)})")
     exp.add_argument("--graphs", nargs="+", choices=ONNX_GRAPHS, help="only these graphs (default: all)")
     exp.add_argument("--calibration-audio", nargs="+", type=Path, help="speech files or folders for static int8")
     exp.add_argument("--llm-precision", choices=("f32", "f16"), default="f16", help="GGUF base precision")

@@ -28,11 +28,12 @@ from kimia_edge.export.fileio import graph_files
 from kimia_edge.quantization.variants import make_variant
 from kimia_edge.runtime.spec.graphs import TEXT_TOKENIZER, VAD, VAD_COMPONENT, VAD_DIR, llm_artifact
 from kimia_edge.runtime.spec.manifest import MANIFEST_NAME, ModelConfig
-from kimia_edge.runtime.spec.precisions import DEFAULT_LLM_QUANTS, PRECISION_NAMES, onnx_precision
+from kimia_edge.runtime.spec.precisions import (DEFAULT_EXPORT_PRECISIONS, DEFAULT_LLM_QUANTS, PRECISION_NAMES,
+                                                onnx_precision, precision_applies)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = PRECISION_NAMES
+DEFAULT_PRECISIONS = DEFAULT_EXPORT_PRECISIONS
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 LLM_DIR = "llm"
@@ -115,6 +116,10 @@ def export_graphs(writer: BundleWriter, snapshot: Path, names: Sequence[str], pr
         rejected: Dict[str, Dict[str, float]] = {}
         for precision in precisions:
             if precision == "fp32":
+                continue
+            if not precision_applies(precision, name):
+                log.info("%s: no %s variant (the registry makes it of %s only)", name, precision,
+                         onnx_precision(precision).graphs)
                 continue
             if onnx_precision(precision).needs_calibration and not calibration:
                 log.warning("%s: no %s variant (%s)", name, precision,

@@ -7,8 +7,16 @@
   path where it exists: DiT step 2.1x eager torch on an AVX-512-VNNI EPYC vs 1.6x with uint8 weights), or, for
   conv graphs (``signed_weights=False``), uint8 per tensor: ORT's ConvInteger with int8 weights ran the small
   vocoder 2.3x slower than with uint8;
-- ``int8_qdq``: ``quantize_static`` in QDQ format, calibrated on inputs from real speech; int8 weights per
-  channel with a reduced range, uint8 activations. TensorRT builds int8 engines from these scales.
+- ``int8_qdq``, ``int8_qdq_percentile``, ``int8_qdq_entropy``: ``quantize_static`` in QDQ format, calibrated on
+  inputs from real speech; int8 weights per channel with a reduced range, uint8 activations. They differ only in
+  how an activation's range is chosen: MinMax (the extremes seen), Percentile (ORT's histogram of 2048 bins, the
+  99.999th percentile: a few outliers no longer stretch the scale) or Entropy (the threshold whose quantized
+  histogram is closest in KL divergence to the 128-bin one). TensorRT builds int8 engines from these scales;
+- ``int4_matmulnbits``: weight-only int4 (``matmul_nbits_quantizer``): every MatMul with a constant 2-D weight
+  becomes a ``com.microsoft.MatMulNBits`` with symmetric blocks of 32 input rows, one fp32 scale each (4 bits +
+  1 bit of scale per weight, like llama.cpp's Q4_0), activations and compute stay fp32. 32, not ORT's default 128:
+  the smallest block ORT's kernels take, the least error on the measured graphs, and every dimension of the tiny
+  snapshot divides by it. Gemm and Conv stay fp32, so only MatMul graphs are listed for it in the registry.
 
 A graph whose weights live in an external-data file (``<graph>.onnx.data``, graphs over 2 GB) gets variants
 written the same way, since protobuf cannot hold more than 2 GiB in one file.
@@ -35,10 +43,18 @@ _QUANT_OPS = ["MatMul", "Gemm", "Conv"]
 
 
 class _FeedReader:
-    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts."""
+    """onnxruntime.quantization.CalibrationDataReader over a list of feed dicts; ``set_range`` lets
+    ``quantize_static`` (``CalibStridedMinMax``) calibrate on a slice at a time."""
 
     def __init__(self, feeds: Sequence[Dict[str, np.ndarray]]) -> None:
-        self._it: Iterator[Dict[str, np.ndarray]] = iter(list(feeds))
+        self._feeds = list(feeds)
+        self._it: Iterator[Dict[str, np.ndarray]] = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         return next(self._it, None)
@@ -72,19 +88,55 @@ def to_int8_dynamic(src: Path, dst: Path, calibration: Optional[List[Dict[str, n
     return dst
 
 
-def to_int8_qdq(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
-               signed_weights: bool = True) -> Path:
+def _static_int8(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]],
+                 method_name: str) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     feeds = list(calibration or [])
     if not feeds:
         raise ValueError(f"{src.name}: static int8 needs calibration inputs, got none")
+    method = CalibrationMethod[method_name]
+    # ORT's histogram calibrators keep every activation of every feed, then stack them: memory grows with the feeds
+    # and feeds of different lengths do not stack. One feed at a time: the histograms merge between feeds.
+    one_at_a_time = {} if method == CalibrationMethod.MinMax else {"CalibStridedMinMax": 1}
     quantize_static(
         str(src), str(dst), _FeedReader(feeds),
         quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
         per_channel=True, reduce_range=True, op_types_to_quantize=_QUANT_OPS,
-        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external_data_file(src).exists(),
+        calibrate_method=method, use_external_data_format=external_data_file(src).exists(),
+        extra_options=one_at_a_time,
     )
+    return dst
+
+
+def to_int8_qdq(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
+               signed_weights: bool = True) -> Path:
+    return _static_int8(src, dst, calibration, "MinMax")
+
+
+def to_int8_qdq_percentile(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
+                           signed_weights: bool = True) -> Path:
+    return _static_int8(src, dst, calibration, "Percentile")
+
+
+def to_int8_qdq_entropy(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
+                        signed_weights: bool = True) -> Path:
+    return _static_int8(src, dst, calibration, "Entropy")
+
+
+INT4_BLOCK = 32  # input rows per int4 scale (see the module doc)
+
+
+def to_int4_matmulnbits(src: Path, dst: Path, calibration: Optional[Iterable[Dict[str, np.ndarray]]] = None,
+                        signed_weights: bool = True) -> Path:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=INT4_BLOCK, is_symmetric=True)
+    quantizer.process()
+    if not any(n.op_type == "MatMulNBits" for n in quantizer.model.model.graph.node):
+        raise ValueError(f"{src.name}: int4_matmulnbits found no MatMul with a constant weight to quantize")
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=external_data_file(src).exists())
     return dst
 
 

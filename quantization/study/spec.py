@@ -1,9 +1,9 @@
 """What a study measures: the variants (``--variants SPEC``), the cells (variant x clip) and their on-disk names.
 
 SPEC is a comma-separated list; each item is ``GRAPH=PRECISION`` (one ONNX graph), ``PRECISION`` (that ONNX
-precision for every graph), ``llm=GGUF`` or ``GGUF`` (an LLM variant: a llama.cpp type such as ``Q8_0``, or a
-named row of ``quantization/llm_quality.VARIANTS`` by its slug such as ``Q4_K_M+emb-heads-Q8_0``, or a mix spec
-``llm=Q4_K_M+trunk.blk.0-1=F32`` of ``quantization/gguf_mix.py``). Empty: every
+precision for every graph it applies to, per the registry), ``llm=GGUF`` or ``GGUF`` (an LLM variant: a llama.cpp
+type such as ``Q8_0``, or a named row of ``quantization/llm_quality.VARIANTS`` by its slug such as
+``Q4_K_M+emb-heads-Q8_0``, or a mix spec ``llm=Q4_K_M+trunk.blk.0-1=F32`` of ``quantization/gguf_mix.py``). Empty: every
 registry precision for every graph and every LLM row.
 
 The noise floor is always measured for each component a study touches and needs no spec: ``fp32`` (ONNX Runtime's
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
-from kimia_edge.runtime.spec.precisions import PRECISION_NAMES
+from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, PRECISION_NAMES, precision_applies
 
 __all__ = ["StudyVariant", "LLM", "E2E", "FLOOR_GRAPH", "FLOOR_LLM", "FLOOR_E2E", "parse_variants", "llm_rows",
            "slug", "clip_id", "Cell", "cell_list"]
@@ -85,7 +85,8 @@ def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
     spec, mixes = extract_mixes(spec)
     chosen = {StudyVariant(E2E, m) for m in mixes}
     if not spec and not mixes:
-        chosen |= {StudyVariant(g, p) for g in ONNX_GRAPHS for p in PRECISION_NAMES if p != "fp32"}
+        chosen |= {StudyVariant(g, p) for g in ONNX_GRAPHS for p in PRECISION_NAMES
+                   if p != "fp32" and precision_applies(p, g)}
         chosen |= {StudyVariant(LLM, s) for s in llm_rows()[0]} | {StudyVariant(E2E, m) for m in DEFAULT_MIXES}
     else:
         for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -99,8 +100,12 @@ def parse_variants(spec: Optional[str]) -> List[StudyVariant]:
                                  f"{(*ONNX_GRAPHS, LLM)}")
             elif name not in PRECISION_NAMES:
                 raise ValueError(f"--variants {item!r}: ONNX precision must be one of {PRECISION_NAMES}")
+            elif component and not precision_applies(name, component):
+                raise ValueError(f"--variants {item!r}: the registry makes {name} of "
+                                 f"{', '.join(ONNX_PRECISIONS[name].graphs)} only")
             else:
-                chosen |= {StudyVariant(g, name) for g in ([component] if component else ONNX_GRAPHS)}
+                chosen |= {StudyVariant(g, name) for g in ([component] if component else ONNX_GRAPHS)
+                           if precision_applies(name, g)}
     for component in {v.component for v in chosen}:
         floors = {LLM: FLOOR_LLM, E2E: FLOOR_E2E}.get(component, FLOOR_GRAPH)
         chosen |= {StudyVariant(component, f) for f in floors}

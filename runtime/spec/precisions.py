@@ -13,8 +13,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from .graphs import ONNX_GRAPHS
 
-__all__ = ["OnnxPrecision", "ONNX_PRECISIONS", "PRECISION_NAMES", "onnx_precision", "parse_precision_spec",
-           "DEFAULT_PRECISION_SPEC", "LLM_BASE_PRECISIONS", "LLM_PREFERENCE", "DEFAULT_LLM_QUANTS"]
+__all__ = ["OnnxPrecision", "ONNX_PRECISIONS", "PRECISION_NAMES", "onnx_precision", "precision_applies",
+           "parse_precision_spec", "DEFAULT_EXPORT_PRECISIONS", "DEFAULT_PRECISION_SPEC", "LLM_BASE_PRECISIONS",
+           "LLM_PREFERENCE", "DEFAULT_LLM_QUANTS"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class OnnxPrecision:
     int8 QDQ 6.4e-2 (docs/benchmarks.md).
     ``needs_calibration``: made from calibration inputs derived from real speech.
     ``tensorrt``: None if TensorRT cannot build an engine from this variant, else the builder flags it needs.
+    ``graphs``: the graphs it can be made of (None: every graph); the exporter and the study skip the others and
+    the runtime opens them at fp32. A graph's own contract (``GraphContract.precisions``) may narrow it further.
     """
 
     name: str
@@ -35,6 +38,7 @@ class OnnxPrecision:
     tolerance_rel_l2: Optional[float]
     needs_calibration: bool = False
     tensorrt: Optional[Tuple[str, ...]] = None
+    graphs: Optional[Tuple[str, ...]] = None
 
 
 ONNX_PRECISIONS: Dict[str, OnnxPrecision] = {p.name: p for p in (
@@ -44,8 +48,20 @@ ONNX_PRECISIONS: Dict[str, OnnxPrecision] = {p.name: p for p in (
     OnnxPrecision("int8_dynamic", "int8 weights, activations quantized on the fly (CPU)", 0.15),
     OnnxPrecision("int8_qdq", "static int8 in QDQ form, calibrated on real speech (TensorRT explicit quantization)",
                   0.2, needs_calibration=True, tensorrt=("FP16", "INT8")),
+    OnnxPrecision("int8_qdq_percentile", "int8_qdq with activation ranges at the 99.999th percentile of a histogram",
+                  0.2, needs_calibration=True, tensorrt=("FP16", "INT8")),
+    OnnxPrecision("int8_qdq_entropy", "int8_qdq with activation ranges of least KL divergence (histogram, entropy)",
+                  0.2, needs_calibration=True, tensorrt=("FP16", "INT8")),
+    # TensorRT takes int4 weights only as symmetric block-quantized DequantizeLinear (QDQ), not ORT's contrib
+    # MatMulNBits: no engine from this variant. Only graphs whose weights sit in MatMuls: the adaptor is two Gemms
+    # and the vocoder is convolutions, where it would quantize nothing.
+    OnnxPrecision("int4_matmulnbits", "int4 weight-only MatMulNBits, blocks of 32, fp32 activations (CPU)", 0.2,
+                  graphs=("whisper_encoder", "vq_encoder", "dit_step")),
 )}
 PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
+# What `kimia-edge export` makes when no --precision is given. The other calibrations and int4 are study variants,
+# made when asked for (`--precision fp32 int8_qdq_entropy`), until a study on real weights shows one worth its time.
+DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
 
 # What the runtime opens when nothing is asked, per device. On a CPU fp32 everywhere (the precision every parity
 # test holds); `fp32,dit_step=int8_dynamic` is the fastest CPU mix measured (docs/benchmarks.md) and [Q]'s study
@@ -64,6 +80,12 @@ def onnx_precision(name: str) -> OnnxPrecision:
         return ONNX_PRECISIONS[name]
     except KeyError:
         raise ValueError(f"precision {name!r}: expected one of {PRECISION_NAMES}") from None
+
+
+def precision_applies(precision: str, graph: str) -> bool:
+    """Whether the registry's ``precision`` can be made of ``graph`` (its ``graphs`` rule)."""
+    allowed = onnx_precision(precision).graphs
+    return allowed is None or graph in allowed
 
 
 def parse_precision_spec(spec: str, graphs: Sequence[str] = ONNX_GRAPHS) -> Dict[str, str]:
