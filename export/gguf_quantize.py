@@ -35,7 +35,13 @@ QUANT_TYPES: Dict[str, int] = {
     "Q6_K": 18,     # LLAMA_FTYPE_MOSTLY_Q6_K
     "Q5_K_M": 17,   # LLAMA_FTYPE_MOSTLY_Q5_K_M
     "Q4_K_M": 15,   # LLAMA_FTYPE_MOSTLY_Q4_K_M
-}
+    "Q4_K_S": 14,   # LLAMA_FTYPE_MOSTLY_Q4_K_S
+    "Q3_K_M": 12,   # LLAMA_FTYPE_MOSTLY_Q3_K_M
+    "Q3_K_S": 11,   # LLAMA_FTYPE_MOSTLY_Q3_K_S
+    "Q2_K": 10,     # LLAMA_FTYPE_MOSTLY_Q2_K
+    "IQ4_XS": 30,   # LLAMA_FTYPE_MOSTLY_IQ4_XS
+    "IQ3_M": 27,    # LLAMA_FTYPE_MOSTLY_IQ3_M
+}  # the IQ2 / IQ1 types (and Q2_K_S) are left out: llama.cpp refuses them without an importance matrix
 # name -> ggml_type (ggml.h enum ggml_type), for output_tensor_type / token_embedding_type overrides
 TENSOR_TYPES: Dict[str, int] = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 

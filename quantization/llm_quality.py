@@ -1,7 +1,8 @@
 """Quality of the quantized LLM GGUF variants vs the F32 export, per head (issue [C] item 4).
 
-For each variant (llama.cpp's quantizer: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, and Q4_K_M with the embedding and both
-heads kept at Q8_0 / F16) and for each head (text = lm_head on the trunk, audio = mimo_output on the MIMO branch):
+For each variant (llama.cpp's quantizer: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, the lower K-quants Q4_K_S, Q3_K_M,
+Q3_K_S, Q2_K and the IQ types llama.cpp makes without an importance matrix (IQ4_XS, IQ3_M), and Q4_K_M / Q3_K_M /
+Q2_K with the embedding and both heads kept at Q8_0 (Q4_K_M also at F16)) and for each head (text = lm_head on the trunk, audio = mimo_output on the MIMO branch):
 
 - mean and 99th-percentile KL divergence KL(P_f32 || P_variant) in nats, over the full vocabulary, per position;
 - top-1 agreement: the fraction of positions where the variant's argmax equals the F32 argmax.
@@ -75,8 +76,16 @@ VARIANTS: Tuple[Variant, ...] = (
     Variant("Q6_K", "Q6_K"),
     Variant("Q5_K_M", "Q5_K_M"),
     Variant("Q4_K_M", "Q4_K_M"),
+    Variant("Q4_K_S", "Q4_K_S"),
+    Variant("IQ4_XS", "IQ4_XS"),
+    Variant("Q3_K_M", "Q3_K_M"),
+    Variant("Q3_K_S", "Q3_K_S"),
+    Variant("IQ3_M", "IQ3_M"),
+    Variant("Q2_K", "Q2_K"),
     Variant("Q4_K_M, emb+heads Q8_0", "Q4_K_M", "Q8_0", "Q8_0"),
     Variant("Q4_K_M, emb+heads F16", "Q4_K_M", "F16", "F16"),
+    Variant("Q3_K_M, emb+heads Q8_0", "Q3_K_M", "Q8_0", "Q8_0"),
+    Variant("Q2_K, emb+heads Q8_0", "Q2_K", "Q8_0", "Q8_0"),
 )
 
 
