@@ -37,8 +37,8 @@ from kimia_edge.runtime.special_tokens import SpecialTokens
 from kimia_edge.runtime.spec.graphs import (GRAPHS, LLM_ADAPTOR, LLM_AUDIO, LLM_TRUNK, RUNTIME_GRAPHS,
                                             TEXT_ONLY_SKIPPED_GRAPHS, TEXT_TOKENIZER, VQ_CODEBOOK)
 from kimia_edge.runtime.spec.manifest import Artifact, BundleError, Manifest
-from kimia_edge.runtime.spec.precisions import (DEFAULT_PRECISION_SPEC, LLM_PREFERENCE, parse_precision_spec,
-                                                precision_applies)
+from kimia_edge.runtime.spec.precisions import (DEFAULT_PRECISION_SPEC, LLM_PREFERENCE, onnx_precision,
+                                                parse_precision_spec, precision_applies)
 from kimia_edge.runtime.spec.streaming import StreamingConfig, check_schedule_fits, schedule_overrides
 from kimia_edge.runtime.streaming import (AudioEvent, Event, HistoryTrimmedEvent, StreamingTurn, TextEvent,
                                           text_tokens_heard)
@@ -166,8 +166,12 @@ def choose_artifacts(manifest: Manifest, options: PipelineOptions) -> Dict[str, 
     chosen = parse_precision_spec(options.precision_spec, RUNTIME_GRAPHS)
     for graph, precision in chosen.items():
         allowed = GRAPHS[graph].precisions
-        if (allowed is not None and precision not in allowed) or not precision_applies(precision, graph):
+        if allowed is not None and precision not in allowed:
             log.info("%s: %s is not used (allowed: %s), using fp32", graph, precision, allowed)
+            chosen[graph] = "fp32"
+        elif not precision_applies(precision, graph):
+            log.info("%s: %s is not used (made of %s only), using fp32", graph, precision,
+                     onnx_precision(precision).graphs)
             chosen[graph] = "fp32"
     if options.text_only:
         for graph in TEXT_ONLY_SKIPPED_GRAPHS:

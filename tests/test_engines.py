@@ -201,3 +201,19 @@ def test_engine_is_built_once_then_cached_and_the_factory_runs_it(tmp_path: Path
     assert sess.provider == TRT_ENGINE
     (out,) = sess.run({"x": np.arange(5, dtype=np.float32)[None]})
     assert out.tolist() == [[0.0, 2.0, 4.0, 6.0, 8.0]]
+
+
+def test_a_precision_opens_only_on_the_graphs_the_registry_makes_it_of(tmp_path: Path, model_config: ModelConfig,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """int4 is made of MatMul graphs only: asked for everywhere, the vocoder opens fp32 without looking for it."""
+    from kimia_edge.runtime.pipeline import PipelineOptions, choose_artifacts
+
+    have = {**ALL, "whisper_encoder": ("fp32", "int4_matmulnbits"), "dit_step": ("fp32", "int4_matmulnbits")}
+    manifest = read_manifest(_bundle(tmp_path / "b", model_config, have))
+    with caplog.at_level("INFO"):
+        chosen = choose_artifacts(manifest, PipelineOptions(precision="int4_matmulnbits"))
+    assert {g: chosen[g].precision for g in ALL} == {"whisper_encoder": "int4_matmulnbits", "vq_encoder": "fp32",
+                                                     "dit_step": "int4_matmulnbits", "vocoder": "fp32"}
+    assert "vocoder: int4_matmulnbits is not used" in caplog.text and "no vocoder variant" not in caplog.text
+    with pytest.raises(ValueError, match="TensorRT cannot build an engine from the int4_matmulnbits"):
+        engine_artifacts(manifest, "fp16,dit_step=int4_matmulnbits")

@@ -26,7 +26,8 @@ class OnnxPrecision:
     speech-derived ones) for a bundle to list it; None for fp32, whose own parity tolerance is per graph. Set for
     random weights, a worst case: they catch a broken variant (wrong scales, a saturating kernel: rel L2 near 1),
     they do not grade a good one. Highest seen on tiny / small snapshots: fp16 9.4e-3, int8 dynamic 2.7e-2,
-    int8 QDQ 6.4e-2 (docs/benchmarks.md).
+    int8 QDQ 6.4e-2 (docs/benchmarks.md); on the tiny snapshot's whisper encoder, adaptor and DiT step, calibrated on
+    ../shared/audio: Percentile 3.0e-2, Entropy 3.6e-2, int4 MatMulNBits 0.13 (4 bits: hence its wider 0.3).
     ``needs_calibration``: made from calibration inputs derived from real speech.
     ``tensorrt``: None if TensorRT cannot build an engine from this variant, else the builder flags it needs.
     ``graphs``: the graphs it can be made of (None: every graph); the exporter and the study skip the others and
@@ -55,7 +56,7 @@ ONNX_PRECISIONS: Dict[str, OnnxPrecision] = {p.name: p for p in (
     # TensorRT takes int4 weights only as symmetric block-quantized DequantizeLinear (QDQ), not ORT's contrib
     # MatMulNBits: no engine from this variant. Only graphs whose weights sit in MatMuls: the adaptor is two Gemms
     # and the vocoder is convolutions, where it would quantize nothing.
-    OnnxPrecision("int4_matmulnbits", "int4 weight-only MatMulNBits, blocks of 32, fp32 activations (CPU)", 0.2,
+    OnnxPrecision("int4_matmulnbits", "int4 weight-only MatMulNBits, blocks of 32, fp32 activations (CPU)", 0.3,
                   graphs=("whisper_encoder", "vq_encoder", "dit_step")),
 )}
 PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
