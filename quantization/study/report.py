@@ -138,7 +138,7 @@ def build_report(out: Path) -> Dict[str, Any]:
                       "Kimi-Audio's accuracy." if generated else "Snapshot not marked as generated (real weights)."),
             "clips": config["clips"], "llm_steps": config["llm_steps"], "machine": machine_label(),
             "date": datetime.date.today().isoformat(), "cells": len(cells),
-            "notes": ["int8_qdq is calibrated on the study's own clips (in-sample).",
+            "notes": ["int8_qdq (MinMax, Percentile, Entropy) is calibrated on the study's own clips (in-sample).",
                       "Every cell but the end-to-end ones (deployment thread count) runs on one thread; 'seconds' of pooled cells share the cores with other cells.",
                       *(f"LLM reference: {n}." for n in reference_notes(out))],
         },
