@@ -288,12 +288,13 @@ def report_sections(out: Path) -> Dict[str, Any]:
 
 def plot_sections(report: Dict[str, Any], folder: Path, label: str = "") -> List[Path]:
     """sensitivity_<TYPE>.png per ranking in ``report``."""
+    from kimia_edge.quantization.study.onnx_blocks import PRECISION
     from kimia_edge.quantization.study.sensitivity import plot_bars
 
     written = [plot_bars(rows, q, Path(folder) / f"sensitivity_{q}.png", label)
                for q, rows in report.get("sensitivity", {}).items()]
     for graph, rows in report.get("sensitivity_blocks", {}).items():
-        written.append(plot_bars(rows, "int8_dynamic", Path(folder) / f"sensitivity_{graph}.png",
+        written.append(plot_bars(rows, PRECISION, Path(folder) / f"sensitivity_{graph}.png",
                                  f"{graph} {label}".strip(), series=(("impact", "this block int8"),),
                                  ylabel=rows[0]["metric"] if rows else ""))
     return written

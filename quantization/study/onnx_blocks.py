@@ -23,11 +23,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from kimia_edge.quantization.study.run import StudyPaths, graph_cell, write_json
 from kimia_edge.quantization.study.sensitivity import SENSITIVITY_DIR
+from kimia_edge.runtime.spec.precisions import INT8_DYNAMIC
 from kimia_edge.quantization.study.spec import Cell, StudyVariant
 
 __all__ = ["PRECISION", "graph_blocks", "quantize_block", "measure_blocks", "block_ranking"]
 
-PRECISION = "int8_dynamic"
+PRECISION = INT8_DYNAMIC
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers)\.\d+$")
 _QUANTIZED_OPS = ("MatMul", "Gemm", "Conv")  # the ops variants.to_int8_dynamic quantizes
 

@@ -14,8 +14,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 from .graphs import ONNX_GRAPHS
 
 __all__ = ["OnnxPrecision", "ONNX_PRECISIONS", "PRECISION_NAMES", "onnx_precision", "precision_applies",
-           "parse_precision_spec", "DEFAULT_EXPORT_PRECISIONS", "DEFAULT_PRECISION_SPEC", "LLM_BASE_PRECISIONS",
-           "LLM_PREFERENCE", "DEFAULT_LLM_QUANTS"]
+           "parse_precision_spec", "DEFAULT_EXPORT_PRECISIONS", "DEFAULT_PRECISION_SPEC", "INT8_DYNAMIC",
+           "LLM_BASE_PRECISIONS", "LLM_PREFERENCE", "DEFAULT_LLM_QUANTS"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,8 @@ ONNX_PRECISIONS: Dict[str, OnnxPrecision] = {p.name: p for p in (
 PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
 # What `kimia-edge export` makes when no --precision is given. The other calibrations and int4 are study variants,
 # made when asked for (`--precision fp32 int8_qdq_entropy`), until a study on real weights shows one worth its time.
-DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "int8_dynamic", "int8_qdq")
+INT8_DYNAMIC = "int8_dynamic"  # the CPU int8 format: what per-block sensitivity quantizes one block with
+DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", INT8_DYNAMIC, "int8_qdq")
 
 # What the runtime opens when nothing is asked, per device. On a CPU fp32 everywhere (the precision every parity
 # test holds); `fp32,dit_step=int8_dynamic` is the fastest CPU mix measured (docs/benchmarks.md) and [Q]'s study
