@@ -65,14 +65,23 @@ PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
 INT8_DYNAMIC = "int8_dynamic"  # the CPU int8 format: what per-block sensitivity quantizes one block with
 DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", INT8_DYNAMIC, "int8_qdq")
 
-# What the runtime opens when nothing is asked, per device. On a CPU fp32 everywhere (the precision every parity
-# test holds); `fp32,dit_step=int8_dynamic` is the fastest CPU mix measured (docs/benchmarks.md) and [Q]'s study
-# decides whether it becomes the default. On a GPU fp16 (untested on GPU).
+# What the runtime opens when nothing is asked, per device, and why (docs/quantization.md, the study):
+# - CPU: fp32 everywhere, the precision every parity test holds. Every other format measured costs error far above
+#   the noise floor on every graph (small snapshot: int8_dynamic Whisper features rel L2 3.4e-2, DiT mel L1 2.3e-2,
+#   int4 3-6x that; tiny: int8 flips ~5 % of the VQ encoder's semantic ids, the LLM's input). End to end,
+#   `fp32,dit_step=int8_dynamic` stays inside the speech floor of another noise seed (tiny: MR-STFT 0.135 against
+#   1.14) and is the fastest CPU mix measured (docs/benchmarks.md): offered by name, not the default, until a study
+#   of the real snapshot shows its error is inaudible (random weights cannot).
+# - GPU: fp16 (untested on GPU).
 DEFAULT_PRECISION_SPEC: Mapping[str, str] = {"cpu": "fp32", "gpu": "fp16"}
 
 LLM_BASE_PRECISIONS: Tuple[str, ...] = ("F32", "F16")
 # GGUF variants in the order the runtime prefers them when none is asked for: the smallest listed first.
 LLM_PREFERENCE: Tuple[str, ...] = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "F32")
+# Q4_K_M by default for size and speed (small snapshot: 238 MB against 360 for Q8_0; full size 5.8 GB, and a step is
+# compute-bound at 2 threads: docs/llm.md). Its cost on the study's random weights, a worst case for quantizers:
+# text / audio mean KLD 3.9e-2 / 0.21 against Q8_0's 5.0e-4 / 2.3e-3 (docs/quantization.md); `--llm-precision Q8_0`
+# where memory allows. A study of the real snapshot decides whether it stays.
 DEFAULT_LLM_QUANTS: Tuple[str, ...] = ("Q4_K_M",)
 
 
