@@ -53,6 +53,18 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def _caused_by_interrupt(exc: BaseException) -> bool:
+    """Whether Ctrl-C is what raised ``exc``: a library can turn the KeyboardInterrupt it met into its own error
+    (onnxruntime's extension, interrupted while it imports, raises "ImportError: initialization failed" from it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -73,6 +85,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:  # Ctrl-C in any verb, at any moment (loading included): cleanup ran on the way out
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not _caused_by_interrupt(exc):
+            raise
         print("\ninterrupted", file=sys.stderr)
         return 130
 

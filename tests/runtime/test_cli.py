@@ -193,3 +193,25 @@ def test_ctrl_c_exits_130_with_one_line(bundle: Path, shared_audio: Path, tmp_pa
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and err.decode().strip().splitlines()[-1] == "interrupted"
     assert not out.exists()  # no answer file from an interrupted first turn
+
+
+def test_an_error_raised_from_ctrl_c_counts_as_the_interrupt() -> None:
+    from kimia_edge.cli import _caused_by_interrupt
+
+    def import_interrupted() -> None:  # what onnxruntime's extension does when Ctrl-C lands inside its import
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ImportError("initialization failed") from e
+
+    with pytest.raises(ImportError) as caught:
+        import_interrupted()
+    assert _caused_by_interrupt(caught.value)
+    assert not _caused_by_interrupt(ImportError("no module named onnxruntime"))
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("cleanup failed")  # raised while handling it: __context__
+    except RuntimeError as e:
+        assert _caused_by_interrupt(e)
