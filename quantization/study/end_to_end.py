@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from kimia_edge.quantization.study import metrics as M
+from kimia_edge.runtime.metrics import peak_rss_mib
 from kimia_edge.quantization.study.spec import E2E, FLOOR_E2E, LLM, Cell, StudyVariant
 
 __all__ = ["DEFAULT_MIXES", "REPORT_NOTE", "SEED", "FLOOR_SEED", "extract_mixes", "parse_mix", "mix_graph_variants",
@@ -346,8 +347,6 @@ def compare_turns(ref: Dict[str, Any], got: Dict[str, Any]) -> Dict[str, Any]:
 def _child_turn(bundle: Path, onnx: str, row: str, clip_path: Path, steps: int, threads: int,
                 cache_dir: Path, out: Path) -> None:
     """The child process: opens the mix's bundle, runs the turn, writes out.npz (turn) + out.json (cost)."""
-    import resource
-
     from kimia_edge.runtime.frontend import load_audio, to_16k_mono
     from kimia_edge.runtime.pipeline import PipelineOptions, components_from_bundle
 
@@ -361,9 +360,8 @@ def _child_turn(bundle: Path, onnx: str, row: str, clip_path: Path, steps: int, 
     m = turn.pop("metrics")
     np.savez(out.with_suffix(".npz"), wav=turn.pop("wav"), fed=np.asarray(turn.pop("fed"), np.int64).reshape(-1, 2),
              audio_tokens=np.asarray(turn.pop("audio_tokens"), np.int64))
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out.with_suffix(".json").write_text(json.dumps({
-        **turn, "open_s": open_s, "turn_s": turn_s, "peak_rss_mib": rss_kib / 1024,
+        **turn, "open_s": open_s, "turn_s": turn_s, "peak_rss_mib": peak_rss_mib(),
         "torch_loaded": "torch" in sys.modules,
         "run_metrics": {k: getattr(m, k) for k in ("input_audio_s", "encode_s", "prefill_s", "first_audio_s",
                                                    "llm_steps", "llm_steps_per_s", "output_audio_s", "encode_rtf",
