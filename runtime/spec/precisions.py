@@ -69,9 +69,9 @@ DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", INT8_DYNAMIC, "int
 # - CPU: fp32 everywhere, the precision every parity test holds. Every other format measured costs error far above
 #   the noise floor on every graph (small snapshot: int8_dynamic Whisper features rel L2 3.4e-2, DiT mel L1 2.3e-2,
 #   int4 3-6x that; tiny: int8 flips ~5 % of the VQ encoder's semantic ids, the LLM's input). End to end,
-#   `fp32,dit_step=int8_dynamic` stays inside the speech floor of another noise seed (tiny: MR-STFT 0.135 against
-#   1.14) and is the fastest CPU mix measured (docs/benchmarks.md): offered by name, not the default, until a study
-#   of the real snapshot shows its error is inaudible (random weights cannot).
+#   `fp32,dit_step=int8_dynamic` stays inside the speech floor of another noise seed (small: MR-STFT 0.20 against
+#   1.09, PESQ 4.55) and is the fastest CPU mix measured (docs/benchmarks.md): offered by name, not the default,
+#   until a study of the real snapshot shows its error is inaudible (random weights cannot).
 # - GPU: fp16 (untested on GPU).
 DEFAULT_PRECISION_SPEC: Mapping[str, str] = {"cpu": "fp32", "gpu": "fp16"}
 
