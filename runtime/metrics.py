@@ -47,13 +47,9 @@ def peak_rss_mib() -> float:
     image and starts again at exec. Not ``ru_maxrss`` where /proc exists: Linux carries it across fork + exec, so a
     process started by a larger one reports its parent's size at the fork (every cell of a study showed the study
     process's 2.4 GiB). Elsewhere (macOS) ``ru_maxrss``, bytes there."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    hwm = proc_status().get("VmHWM")
+    if hwm is not None:
+        return hwm / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
