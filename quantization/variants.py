@@ -18,8 +18,8 @@
   on the tiny graphs 128 showed 8-19 % more error, 16 10 % less for one more bit per weight (docs/quantization.md).
   Gemm and Conv stay fp32, so only MatMul graphs are listed for it in the registry.
 
-A graph whose weights live in an external-data file (``<graph>.onnx.data``, graphs over 2 GB) gets variants
-written the same way, since protobuf cannot hold more than 2 GiB in one file.
+Graphs keep their weights in an external-data file (``<graph>.onnx.data``, memory-mapped by ONNX Runtime); each
+variant is written the same way (and must be over 2 GiB, since protobuf cannot hold more in one file).
 
 Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
 the manifest. The names, tolerances and TensorRT flags of the precisions are the registry's
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 # Ops whose weights int8 quantization touches; Conv covers the vocoder and the Whisper front convs.
 _QUANT_OPS = ["MatMul", "Gemm", "Conv"]
+PROTOBUF_LIMIT_BYTES = 2**31  # one serialised ModelProto, weights included
 
 
 class _FeedReader:
@@ -65,11 +66,12 @@ def to_fp16(src: Path, dst: Path, calibration: Optional[List[Dict[str, np.ndarra
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    large = external_data_file(src).exists()
+    data = external_data_file(src)
     # onnx shape inference works on a serialised proto: impossible over 2 GiB, so it is skipped there (the
     # converter then keeps fp32 where it cannot tell a tensor's type, which only costs casts)
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=large)
-    if large:
+    over_2gib = data.exists() and data.stat().st_size > PROTOBUF_LIMIT_BYTES
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True, disable_shape_infer=over_2gib)
+    if data.exists():
         onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=external_data_file(dst).name)
     else:

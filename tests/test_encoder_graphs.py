@@ -291,8 +291,9 @@ def test_from_bundle_reads_graphs_codebook_and_configs(tiny_snapshot: Path, tiny
     out = tmp_path / "bundle"
     with BundleWriter(out, model=model_config(tiny_snapshot), source={"snapshot": str(tiny_snapshot)}) as w:
         for name, g in tiny_graphs.items():
-            shutil.copyfile(g.path, w.path(g.path.name))
-            w.add(name, g.spec.component, "onnx", "fp32", [g.path.name], profiles=g.spec.profiles(g.module))
+            for f in g.result.files:  # the .onnx and its .onnx.data
+                shutil.copyfile(f, w.path(f.name))
+            w.add(name, g.spec.component, "onnx", "fp32", [f.name for f in g.result.files], profiles=g.spec.profiles(g.module))
         for array_name, array in tiny_graphs["vq_encoder"].spec.sidecar_arrays(tiny_graphs["vq_encoder"].module).items():
             np.save(w.path(f"{array_name}.npy"), array)
             w.add(array_name, "vq_encoder", "npy", str(array.dtype), [f"{array_name}.npy"])

@@ -79,10 +79,9 @@ def test_variant_outside_its_tolerance_is_not_listed(tmp_path: Path, monkeypatch
     assert m.artifact("vocoder", "fp16").error["rel_l2"] <= m.artifact("vocoder", "fp16").error["tolerance_rel_l2"]
 
 
-def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, shared_audio: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Graphs over 2 GB (the full-size DiT) store weights in <graph>.onnx.data; their variants must too. Forced
-    here on the tiny vocoder by lowering the size at which the exporter switches to external data."""
+def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, shared_audio: Path) -> None:
+    """Every graph stores its weights in <graph>.onnx.data (memory-mapped by ONNX Runtime; over 2 GB protobuf allows
+    nothing else); its variants must too."""
     import onnx
 
     from kimia_edge.export.graphs import base, graph_spec
@@ -90,7 +89,6 @@ def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, s
     from kimia_edge.export.fileio import graph_files
     from kimia_edge.quantization.variants import make_variant
 
-    monkeypatch.setattr(base, "EXTERNAL_DATA_ABOVE_BYTES", 0)
     spec = graph_spec("vocoder")
     module = spec.build(make_snapshot(tmp_path / "snap", "tiny", seed=13, components=["vocoder"]))
     fp32 = base.export_graph(spec, module, tmp_path / "vocoder.fp32.onnx").path

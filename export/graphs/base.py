@@ -29,8 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPSET = 18
-# protobuf caps a single file at 2 GiB; larger graphs keep their weights in "<file>.data" beside them
-EXTERNAL_DATA_ABOVE_BYTES = 1_500_000_000
 
 
 @dataclass
@@ -148,12 +146,8 @@ class ExportResult:
 
     @property
     def files(self) -> List[Path]:
-        """The graph and, for large graphs, its external-data file."""
+        """The graph and its external-data file."""
         return graph_files(self.path)
-
-
-def parameter_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
 def run_torch(module: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> List[np.ndarray]:
@@ -187,7 +181,7 @@ def compare(spec: GraphSpec, got: Sequence[np.ndarray], ref: Sequence[np.ndarray
 
 
 def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int = 0) -> ExportResult:
-    """Exports ``module`` to ``path`` (single file, no external data), checks it, and measures fp32 parity at
+    """Exports ``module`` to ``path`` (weights in ``<path>.data`` beside it), checks it, and measures fp32 parity at
     every parity length. Raises AssertionError if the fp32 graph is outside ``spec.fp32_tolerance``."""
     import onnx
 
@@ -202,7 +196,10 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, seed: int
             optimize=False, verbose=False,  # optimised here instead, without the exporter's quadratic rewrite rule
         )
         optimize_graph(program.model)
-    program.save(str(path), external_data=parameter_bytes(module) > EXTERNAL_DATA_ABOVE_BYTES)
+    # weights in "<path>.data": ONNX Runtime memory-maps external data (without prepacking they are used where they
+    # lie, shared with the page cache), weights inside the .onnx are parsed onto the heap (1.1-1.8x the file,
+    # docs/benchmarks.md "Where the weights get copied"); and protobuf caps one file at 2 GiB
+    program.save(str(path), external_data=True)
     del program
     gc.collect()  # the exporter's in-memory model (a copy of every weight) before ONNX Runtime loads the file
     onnx.checker.check_model(str(path), full_check=True)
