@@ -207,34 +207,112 @@ def prepare_graph_references(paths: StudyPaths, snapshot: Path, graphs: Sequence
         log.info("reference %s / %s: %d inputs", clip, name, len(feeds))
 
 
-def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence[StudyVariant],
-                           clips: Dict[str, np.ndarray], bundle: Optional[Path]) -> None:
-    """The fp32 graph of every graph touched and each precision variant, made once. Static int8 is calibrated on the
-    study's own clips (in-sample: the report says so)."""
+class _MakerFailed(Exception):
+    """A variant maker's child failed; the message says why."""
+
+
+MAKER_MEMORY_ENV = "KIMIA_STUDY_MAKER_MEMORY_MIB"  # address-space limit (MiB) of each variant maker child; unset: none
+
+
+def _limit_address_space(mib: Optional[int]) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` putting RLIMIT_AS = ``mib`` MiB on the child (a real MemoryError / kill in a test)."""
+    if not mib:
+        return None
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (mib << 20, mib << 20))
+
+    return limit
+
+
+def run_child(target: str, args: Sequence[Any], *, tmpdir: Path, memory_mib: Optional[int] = None) -> Optional[str]:
+    """Calls ``module:function(*args)`` (JSON-able args) in a fresh Python process, the pattern of
+    export/gguf_quantize.py, and returns None if it succeeded, else why not (the signal that killed it, e.g. the
+    OOM killer's SIGKILL, or the last line of its traceback). The child's TMPDIR is ``tmpdir`` (ORT's
+    ``ort.quant.*`` folders land there, so the caller's cleanup removes them even from a killed child);
+    ``memory_mib`` limits its address space."""
+    import signal
+    import subprocess
+    import sys
+
+    module, func = target.split(":")
+    code = f"import json,sys;from {module} import {func} as f;f(*json.loads(sys.argv[1]))"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmpdir), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps([str(a) if isinstance(a, Path) else a
+                                                                   for a in args])],
+                          capture_output=True, text=True, env=env, preexec_fn=_limit_address_space(memory_mib))
+    if proc.returncode == 0:
+        return None
+    limit = f" under a {memory_mib} MiB address-space limit" if memory_mib else ""
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        oom = " (e.g. the OOM killer)" if name == "SIGKILL" else ""
+        return f"maker process killed by {name}{oom}{limit}"
+    lines = [ln.strip() for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    last = next((ln for ln in reversed(lines) if re.match(r"^[A-Za-z_.]+(Error|Exception|Interrupt)\b", ln)),
+                lines[-1] if lines else "no output")
+    if len(last) > 400:  # ORT's messages put the cause (e.g. "Failed to allocate memory") after a long source path
+        last = f"{last[:200]} … {last[-200:]}"
+    return f"maker process exited {proc.returncode}{limit}: {last}"
+
+
+def make_variant_child(precision: str, src: str, dst: str, references: List[str], signed_weights: bool) -> None:
+    """The child's side of a variant maker: loads the calibration feeds from the reference pickles (none: no
+    calibration) and writes the variant to ``dst`` (a staging path)."""
     from kimia_edge.quantization.variants import make_variant
+
+    calibration = [f for r in references for f in _load_pickle(Path(r))["feeds"]] or None
+    make_variant(precision, Path(src), Path(dst), calibration, signed_weights)
+
+
+def prepare_graph_variants(paths: StudyPaths, snapshot: Path, variants: Sequence[StudyVariant],
+                           clips: Dict[str, np.ndarray], bundle: Optional[Path],
+                           memory_mib: Optional[int] = None, retry: bool = False) -> None:
+    """The fp32 graph of every graph touched and each precision variant, made once. Static int8 is calibrated on the
+    study's own clips (in-sample: the report says so).
+
+    Each maker runs in a child process (run_child): one that raises, or is killed (OOM), marks its variant not
+    measured with the reason, and the study goes on. ``retry``: a variant marked so by an earlier run is tried again
+    (run_study's call: the machine may be quieter now, and a tool that refuses a graph refuses it again in seconds);
+    without it (later calls of the same run) it stays marked. ``memory_mib`` (default:
+    $KIMIA_STUDY_MAKER_MEMORY_MIB) limits each maker's address space."""
     from kimia_edge.runtime.spec.precisions import onnx_precision
 
+    if memory_mib is None and os.environ.get(MAKER_MEMORY_ENV):
+        memory_mib = int(os.environ[MAKER_MEMORY_ENV])
     graphs, _ = split(variants)
     for name in graphs:
         _fp32_graph(paths, snapshot, name, bundle)
     for v in variants:
-        if v.component in (LLM, E2E) or v.floor or paths.graph(v.component, v.name).exists() or _unavailable(paths, v):
+        if v.component in (LLM, E2E) or v.floor or paths.graph(v.component, v.name).exists():
             continue
+        if _unavailable(paths, v):
+            if not retry:
+                continue
+            _forget_unavailable(paths, v)
         from kimia_edge.export.graphs import graph_spec
 
         spec = graph_spec(v.component)
-        calibration = None
-        if onnx_precision(v.name).needs_calibration:
-            calibration = [f for c in clips for f in _load_pickle(paths.reference(c, v.component))["feeds"]]
+        references = ([str(paths.reference(c, v.component)) for c in clips]
+                      if onnx_precision(v.name).needs_calibration else [])
         dst = paths.graph(v.component, v.name)
+        start = time.perf_counter()
         try:
-            with _staged(dst) as tmp:
-                make_variant(v.name, paths.graph(v.component, "fp32"), tmp, calibration,
-                             spec.int8_dynamic_signed_weights)
-        except Exception as e:  # noqa: BLE001 - a variant the tools cannot make is reported, not fatal
-            mark_unavailable(paths, v, clips, f"{type(e).__name__}: {e}")
+            with _staged(dst) as tmp:  # a failed maker raises here: nothing half-made is moved into place
+                why = run_child(f"{__name__}:make_variant_child",
+                                [v.name, paths.graph(v.component, "fp32"), tmp, references,
+                                 spec.int8_dynamic_signed_weights], tmpdir=tmp.parent / "tmp", memory_mib=memory_mib)
+                if why is None and not tmp.exists():
+                    why = "the maker exited 0 but wrote no graph"
+                if why is not None:
+                    raise _MakerFailed(why)
+        except _MakerFailed as e:
+            mark_unavailable(paths, v, clips, str(e))
             continue
-        log.info("variant %s made", v.label)
+        log.info("variant %s made in %.1f s", v.label, time.perf_counter() - start)
 
 
 def _unavailable_path(paths: StudyPaths, v: StudyVariant) -> Path:
@@ -243,6 +321,15 @@ def _unavailable_path(paths: StudyPaths, v: StudyVariant) -> Path:
 
 def _unavailable(paths: StudyPaths, v: StudyVariant) -> bool:
     return _unavailable_path(paths, v).exists()
+
+
+def _forget_unavailable(paths: StudyPaths, v: StudyVariant) -> None:
+    """Removes an earlier run's "not measured" marker and cells of ``v`` (before trying to make it again)."""
+    _unavailable_path(paths, v).unlink(missing_ok=True)
+    for p in paths.cells.glob(f"{v.component}__{v.name}__*.json"):
+        cell = json.loads(p.read_text())
+        if "unavailable" in cell and (cell["component"], cell["variant"]) == (v.component, v.name):
+            p.unlink()
 
 
 def mark_unavailable(paths: StudyPaths, v: StudyVariant, clips, reason: str) -> None:
@@ -494,10 +581,12 @@ def load_cells(out: Path) -> List[Dict[str, Any]]:
 
 def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str] = None, jobs: int = 1,
               steps: int = 64, bundle: Optional[Path] = None, progress: bool = True,
-              on_cell: Optional[Callable[[str], None]] = None, ray: Optional[str] = None) -> Dict[str, int]:
+              on_cell: Optional[Callable[[str], None]] = None, ray: Optional[str] = None,
+              maker_memory_mib: Optional[int] = None) -> Dict[str, int]:
     """Prepares what is missing (graphs, GGUFs, references), then measures every cell not stored yet.
     ``on_cell(key)`` is called after each stored cell (tests interrupt a run with it). ``ray``: run the cells on
-    that Ray cluster (or "local": ray_pool.py) instead of here. Returns counts."""
+    that Ray cluster (or "local": ray_pool.py) instead of here. ``maker_memory_mib``: address-space limit of each
+    ONNX variant maker's child process (default $KIMIA_STUDY_MAKER_MEMORY_MIB, else none). Returns counts."""
     from tqdm import tqdm
 
     from kimia_edge.runtime.frontend import load_audio, to_16k_mono
@@ -521,7 +610,7 @@ def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str]
     graphs, llm_variants = split(chosen)
     start = time.perf_counter()
     prepare_graph_references(paths, snapshot, graphs, clips16k)
-    prepare_graph_variants(paths, snapshot, chosen, clips16k, bundle)
+    prepare_graph_variants(paths, snapshot, chosen, clips16k, bundle, maker_memory_mib, retry=True)
     prepare_llm(paths, snapshot, chosen, clip_paths, steps)
     from kimia_edge.quantization.study.end_to_end import prepare as prepare_end_to_end
 

@@ -63,7 +63,8 @@ PRECISION_NAMES: Tuple[str, ...] = tuple(ONNX_PRECISIONS)
 # What `kimia-edge export` makes when no --precision is given. The other calibrations and int4 are study variants,
 # made when asked for (`--precision fp32 int8_qdq_entropy`), until a study on real weights shows one worth its time.
 INT8_DYNAMIC = "int8_dynamic"  # the CPU int8 format: what per-block sensitivity quantizes one block with
-DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", INT8_DYNAMIC, "int8_qdq")
+INT8_QDQ = "int8_qdq"  # static int8, MinMax calibration (the QDQ variants are those with needs_calibration)
+DEFAULT_EXPORT_PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", INT8_DYNAMIC, INT8_QDQ)
 
 # What the runtime opens when nothing is asked, per device, and why (docs/quantization.md, the study):
 # - CPU: fp32 everywhere, the precision every parity test holds. Every other format measured costs error far above

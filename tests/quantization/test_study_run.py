@@ -4,6 +4,7 @@ numbers), the report and --replot. The fp32 graphs come from the session bundle 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -109,3 +110,45 @@ def test_bundle_of_another_snapshot_is_refused(tiny_bundle, tmp_path):
     (other / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not exported from"):
         _fp32_graph(StudyPaths(tmp_path / "out"), other, "adaptor", tiny_bundle)
+
+
+MAKER_LIMIT_MIB = 400  # tiny snapshot: the Whisper encoder's MinMax calibration needs more, int8_dynamic of the adaptor
+# less (measured: the former fails with std::bad_alloc up to 800 MiB of address space, the latter runs in 200)
+
+
+def test_a_maker_that_runs_out_of_memory_is_not_measured_and_retried(tiny_snapshot, tiny_bundle, shared_audio,
+                                                                     tmp_path, monkeypatch):
+    """A real failure: the maker children run under an address-space limit (RLIMIT_AS) that the Whisper encoder's
+    static calibration exceeds. Its variant is reported not measured with the reason, the adaptor's int8_dynamic
+    (made under the same limit) is measured in the same study, nothing half-made or temporary is left; a re-run
+    without the limit retries it and measures it."""
+    from kimia_edge.quantization.study.report import build_report, markdown
+    from kimia_edge.quantization.study.run import MAKER_MEMORY_ENV, run_study
+    from kimia_edge.runtime.spec.precisions import INT8_DYNAMIC, INT8_QDQ
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    out = tmp_path / "report"
+    kw = dict(variants=f"whisper_encoder={INT8_QDQ},adaptor={INT8_DYNAMIC}", steps=8, bundle=tiny_bundle,
+              progress=False)
+    monkeypatch.setenv(MAKER_MEMORY_ENV, str(MAKER_LIMIT_MIB))
+    assert run_study(tiny_snapshot, audio, out, **kw)["cells"] == 6
+    graphs = out / "cache" / "graphs"
+    assert not (graphs / f"whisper_encoder.{INT8_QDQ}.onnx").exists()
+    assert (graphs / f"adaptor.{INT8_DYNAMIC}.onnx").exists()
+    assert not list(graphs.glob(".staging-*"))  # the staging folder, the child's TMPDIR (ort.quant.*) with it
+    report = build_report(out)
+    why = report["unavailable"][f"whisper_encoder={INT8_QDQ}"]
+    assert f"{MAKER_LIMIT_MIB} MiB" in why
+    assert re.search(r"MemoryError|bad_alloc|[Ff]ailed to allocate|killed by SIG|pthread_create", why), why
+    assert report["components"]["adaptor"][INT8_DYNAMIC]["headline"] > 0
+    assert INT8_QDQ not in report["components"]["whisper_encoder"]  # its floors are measured, it is not
+    assert f"| whisper_encoder={INT8_QDQ} | {why} |" in markdown(report)
+
+    monkeypatch.delenv(MAKER_MEMORY_ENV)
+    counts = run_study(tiny_snapshot, audio, out, **kw)
+    assert counts == {"cells": 6, "computed": 1, "reused": 5}  # the failure is retried, nothing else is redone
+    report = build_report(out)
+    assert "unavailable" not in report or not report["unavailable"]
+    assert 0 < report["components"]["whisper_encoder"][INT8_QDQ]["headline"] < 1
