@@ -111,7 +111,7 @@ def _study(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"study: {', '.join('--' + m for m in missing)} required (or --replot REPORT)")
     counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
-                       bundle=args.bundle, ray=args.ray)
+                       bundle=args.bundle, ray=args.ray, qdq_debug=args.qdq_debug)
     if args.budget or args.sensitivity:  # per-group sensitivity, then the budgeted mix (measured as a variant)
         from kimia_edge.quantization.study.budget import parse_budget, study_sensitivity
 
@@ -178,6 +178,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     study.add_argument("--budget", metavar="SPEC", help="recommend the smallest LLM mix within bounds on the LLM "
                        "metrics, e.g. 'audio_top1>=0.99,text_top1>=0.99' (names: quantization/study/budget.py), "
                        "and measure it")
+    study.add_argument("--qdq-debug", action="store_true", help="also the per-tensor activation error (SQNR) of "
+                       "each static int8 (QDQ) variant, by ONNX Runtime's qdq_loss_debug, on one clip")
     study.add_argument("--replot", type=Path, metavar="REPORT", help="redraw report.md and the plots from "
                                                                     "REPORT/report.json, measure nothing")
     study.set_defaults(handler=_needs_build_extra(_study))

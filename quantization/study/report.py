@@ -3,7 +3,8 @@
 
 - ``pareto_<component>.png``: bytes on disk vs the component's headline error per variant, the noise floor drawn;
 - ``kld_hist.png``: per-position KLD of each LLM row, per head;
-- ``dit_chunks.png``: mel L1 per chunk of the streaming detokenizer, per DiT variant (over time).
+- ``dit_chunks.png``: mel L1 per chunk of the streaming detokenizer, per DiT variant (over time);
+- ``qdq_tensors_<graph>.png``: the worst tensors' SQNR per static int8 variant (``--qdq-debug``, qdq_debug.py).
 
 Headline error per component (lower is better; a variant whose error is not above the floor's is "within the
 noise floor" and is not called a loss): whisper_encoder / adaptor: relative L2; vq_encoder: semantic-id flip
@@ -21,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from kimia_edge.quantization.study import budget
+from kimia_edge.quantization.study import budget, qdq_debug
 from kimia_edge.quantization.study import metrics as M
 from kimia_edge.quantization.study.cost import cost_markdown, cost_summary, plot_rtf
 
@@ -147,6 +148,7 @@ def build_report(out: Path) -> Dict[str, Any]:
         "floors": floors,
         "unavailable": unavailable,
         **budget.report_sections(out),  # per-group sensitivity and the --budget recommendation, if run
+        "qdq_debug": qdq_debug.report_section(out),  # per-tensor error of the QDQ variants (--qdq-debug), if run
     }
 
 
@@ -216,6 +218,7 @@ def markdown(report: Dict[str, Any]) -> str:
         lines += ["## Not measured", "", "| variant | why |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(report["unavailable"].items())] + [""]
     lines += budget.markdown_section(report)
+    lines += qdq_debug.markdown_section(report)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in _plot_names(report)]
     return "\n".join(lines) + "\n"
 
@@ -228,7 +231,7 @@ def _plot_names(report: Dict[str, Any]) -> List[str]:
         names.append("dit_chunks.png")
     if any(r.get("cost") for r in report["components"].get("e2e", {}).values()):
         names.append("pareto_e2e_rtf.png")
-    return names
+    return names + qdq_debug.plot_names(report)
 
 
 def plot(report: Dict[str, Any], folder: Path) -> List[Path]:
@@ -291,7 +294,8 @@ def plot(report: Dict[str, Any], folder: Path) -> List[Path]:
         written.append(folder / "dit_chunks.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
-    return written + plot_rtf(report, folder, label) + budget.plot_sections(report, folder, label)
+    return (written + plot_rtf(report, folder, label) + budget.plot_sections(report, folder, label)
+            + qdq_debug.plot(report, folder, label))
 
 
 def _write_outputs(report: Dict[str, Any], out: Path) -> None:

@@ -8,6 +8,10 @@ Folder ``OUT``:
     cache/gguf/<row>/               the F32 LLM export and each quantized row, made once
     cache/ref/<clip>/<component>.pkl  the torch / F32 reference on the clip's real inputs, computed once
     cells/<component>__<variant>__<clip>.json   one measured cell, written atomically when it finishes
+    qdq_debug/<graph>__<variant>__<clip>.json   per-tensor error of a static int8 variant (--qdq-debug, qdq_debug.py)
+
+Each ONNX variant maker runs in a child process (``run_child``): a maker that raises or is killed (OOM) marks its
+variant not measured with the reason and the study goes on; a re-run tries it again.
 
 Every cell runs on one thread (torch, ONNX Runtime, llama.cpp), so a run on a process pool (``--jobs``) gives the
 same numbers as a serial one; timings under a pool share the cores and are marked so.
@@ -582,11 +586,12 @@ def load_cells(out: Path) -> List[Dict[str, Any]]:
 def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str] = None, jobs: int = 1,
               steps: int = 64, bundle: Optional[Path] = None, progress: bool = True,
               on_cell: Optional[Callable[[str], None]] = None, ray: Optional[str] = None,
-              maker_memory_mib: Optional[int] = None) -> Dict[str, int]:
+              maker_memory_mib: Optional[int] = None, qdq_debug: bool = False) -> Dict[str, int]:
     """Prepares what is missing (graphs, GGUFs, references), then measures every cell not stored yet.
     ``on_cell(key)`` is called after each stored cell (tests interrupt a run with it). ``ray``: run the cells on
     that Ray cluster (or "local": ray_pool.py) instead of here. ``maker_memory_mib``: address-space limit of each
-    ONNX variant maker's child process (default $KIMIA_STUDY_MAKER_MEMORY_MIB, else none). Returns counts."""
+    ONNX variant maker's child process (default $KIMIA_STUDY_MAKER_MEMORY_MIB, else none). ``qdq_debug``: also the
+    per-tensor error of each static int8 variant (qdq_debug.py). Returns counts."""
     from tqdm import tqdm
 
     from kimia_edge.runtime.frontend import load_audio, to_16k_mono
@@ -656,7 +661,12 @@ def run_study(snapshot: Path, audio: Path, out: Path, *, variants: Optional[str]
                     raise
     finally:
         bar.close()
-    return {"cells": total, "computed": done, "reused": total - len(cells)}
+    counts = {"cells": total, "computed": done, "reused": total - len(cells)}
+    if qdq_debug:
+        from kimia_edge.quantization.study.qdq_debug import prepare_qdq_debug
+
+        counts["qdq_debug"] = prepare_qdq_debug(paths, chosen, list(clip_paths), maker_memory_mib)
+    return counts
 
 
 def default_jobs() -> int:
