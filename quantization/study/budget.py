@@ -1,7 +1,7 @@
 """The budgeted mixed-precision recommendation for the LLM (issue [Q] item 5, ``kimia-edge study --budget SPEC``).
 
-SPEC: comma-separated bounds ``METRIC>=X`` or ``METRIC<=X`` on the metrics the LLM cells already report (the mean
-over clips is compared):
+SPEC: comma-separated bounds ``METRIC>=X`` or ``METRIC<=X`` (the mean over clips is compared). On the LLM cells
+(teacher-forced against the F32 export, and its free greedy run):
 
     text_top1, audio_top1                 top-1 agreement per head (0..1), >=
     text_mean_kld, audio_mean_kld         mean KLD per head (nats), <=
@@ -9,16 +9,30 @@ over clips is compared):
     audio_token_agreement, text_token_agreement   token agreement of the free greedy run (0..1), >=
     greedy_agreement_steps                steps of the free greedy run until the first divergence, >=
 
-Objective: the smallest bytes on disk (trunk + audio). Greedy on the sensitivity ranking (``sensitivity.py``):
-start from the F32 model, add the groups one at a time in order of increasing impact (least sensitive first),
-measure the resulting mix (every clip) and keep the group only if every bound still holds, else back off (the group
-stays F32) and try the next. The uniform quant is tried first: if it meets the budget there is nothing to keep.
+On the end-to-end cells (``end_to_end.py``: the runtime Pipeline over a bundle of fp32 graphs and the mix's GGUF,
+one greedy chat turn against the golden torch pipeline):
+
+    e2e_audio_token_agreement, e2e_text_token_agreement   token agreement of the turn (0..1), >=
+    e2e_wer                               WER of the answer's text (0..1), <=
+    e2e_greedy_steps                      steps until the first (audio, text) divergence, >=
+    e2e_mrstft                            multi-resolution STFT distance of the speech, <=
+    e2e_pesq, e2e_stoi                    PESQ (wide band, MOS-LQO) and STOI (0..1) of the speech, >=
+                                          (a turn without speech has none: the bound misses)
+
+Objective: the smallest bytes on disk (trunk + audio). Greedy on the sensitivity ranking (``sensitivity.py``: by
+end-to-end impact, then KLD): start from the F32 model, add the groups one at a time in order of increasing impact
+(least sensitive first), measure the resulting mix (every clip; its end-to-end cells too when a bound names an
+``e2e_`` metric) and keep the group only if every bound still holds, else back off and try the next. With
+``keep_type`` (e.g. ``Q8_0``, a row the study prepared), a group that breaks the budget at the base type is tried at
+``keep_type`` before it stays F32. The uniform quant is tried first: if it meets the budget there is nothing to keep.
 
 The result is a mix spec (``gguf_mix``) ``kimia-edge export --llm-quants`` accepts: the quant type with the groups
-it must keep at F32, e.g. ``Q4_K_M+trunk.blk.0-1=F32+audio.output=F32``. The study then measures that spec as an
-ordinary LLM variant made by the exporter's own path (llama.cpp's quantizer with tensor-type overrides; equal to
-the assembled mix byte for byte) beside the uniform rows. A budget that even the F32 model misses, or that no mix
-with any group quantized meets, is reported as such (``status``), not raised.
+it keeps at another type, e.g. ``Q4_K_M+trunk.blk.0-1=F32+audio.output=Q8_0``. The study then measures that spec (F32
+when nothing can be quantized) as an ordinary LLM variant made by the exporter's own path (llama.cpp's quantizer with
+tensor-type overrides; equal to the assembled mix byte for byte) and, whatever the budget, as the end-to-end cell
+``e2e:fp32@SPEC`` beside the uniform end-to-end row ``e2e:fp32@TYPE``; ``measured`` holds both and whether the
+budget holds on them. A budget that even the F32 model misses, or that no mix with any group quantized meets, is
+reported as such (``status``), not raised.
 """
 from __future__ import annotations
 
@@ -31,9 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from kimia_edge.quantization.study.run import StudyPaths, write_json
-from kimia_edge.quantization.study.sensitivity import group_name, measure_mix, measure_layers
+from kimia_edge.quantization.study.sensitivity import E2E_ONNX, e2e_means, group_name, measure_mix, measure_layers
 
-__all__ = ["METRICS", "Bound", "parse_budget", "within", "mix_spec", "recommend", "RECOMMENDATION_FILE"]
+__all__ = ["METRICS", "E2E_METRICS", "Bound", "parse_budget", "within", "mix_spec", "recommend", "RECOMMENDATION_FILE"]
 
 RECOMMENDATION_FILE = "recommendation.json"
 
@@ -49,6 +63,11 @@ METRICS: Dict[str, Tuple[Tuple[str, ...], str]] = {
     "text_token_agreement": (("text_token_agreement",), ">="),
     "greedy_agreement_steps": (("greedy_agreement_steps",), ">="),
 }
+# name (sensitivity.e2e_means) -> the direction a bound must have; values from the end-to-end cells
+E2E_METRICS: Dict[str, str] = {"e2e_audio_token_agreement": ">=", "e2e_text_token_agreement": ">=",
+                               "e2e_wer": "<=", "e2e_greedy_steps": ">=", "e2e_mrstft": "<=", "e2e_pesq": ">=",
+                               "e2e_stoi": ">="}
+_DIRECTION = {**{k: op for k, (_, op) in METRICS.items()}, **E2E_METRICS}
 _OPS: Dict[str, Callable[[float, float], bool]] = {">=": operator.ge, "<=": operator.le}
 
 
@@ -62,7 +81,20 @@ class Bound:
     def text(self) -> str:
         return f"{self.metric}{self.op}{self.value:g}"
 
-    def value_of(self, metrics_per_clip: Sequence[Dict[str, Any]]) -> float:
+    @property
+    def e2e(self) -> bool:
+        """Whether the bound is on the end-to-end cells."""
+        return self.metric in E2E_METRICS
+
+    def value_of(self, metrics_per_clip: Sequence[Dict[str, Any]],
+                 e2e_per_clip: Optional[Sequence[Dict[str, Any]]] = None) -> float:
+        """Mean over clips of the LLM cells' metrics, or (an ``e2e_`` bound) of the end-to-end cells' (NaN when a
+        clip has no value, e.g. PESQ without speech: NaN meets no bound)."""
+        if self.e2e:
+            if e2e_per_clip is None:
+                raise ValueError(f"{self.text}: needs the end-to-end cells")
+            value = e2e_means(e2e_per_clip)[self.metric]
+            return float("nan") if value is None else value
         vals = []
         for m in metrics_per_clip:
             for k in METRICS[self.metric][0]:
@@ -80,10 +112,10 @@ def parse_budget(spec: str) -> List[Bound]:
         if m is None:
             raise ValueError(f"--budget {item!r}: expected METRIC>=X or METRIC<=X")
         name, op, value = m.groups()
-        if name not in METRICS:
-            raise ValueError(f"--budget {item!r}: unknown metric {name!r}; known: {', '.join(METRICS)}")
-        if op != METRICS[name][1]:
-            raise ValueError(f"--budget {item!r}: {name} is bounded with {METRICS[name][1]}")
+        if name not in _DIRECTION:
+            raise ValueError(f"--budget {item!r}: unknown metric {name!r}; known: {', '.join(_DIRECTION)}")
+        if op != _DIRECTION[name]:
+            raise ValueError(f"--budget {item!r}: {name} is bounded with {_DIRECTION[name]}")
         try:
             bounds.append(Bound(name, op, float(value)))
         except ValueError:
@@ -93,9 +125,11 @@ def parse_budget(spec: str) -> List[Bound]:
     return bounds
 
 
-def within(bounds: Sequence[Bound], metrics_per_clip: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """{"ok": every bound holds, "values": {bound text: measured value}}."""
-    values = {b.text: b.value_of(metrics_per_clip) for b in bounds}
+def within(bounds: Sequence[Bound], metrics_per_clip: Sequence[Dict[str, Any]],
+           e2e_per_clip: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """{"ok": every bound holds, "values": {bound text: measured value}}; ``e2e_per_clip``: the end-to-end cells'
+    metrics, needed when a bound names an ``e2e_`` metric."""
+    values = {b.text: b.value_of(metrics_per_clip, e2e_per_clip) for b in bounds}
     return {"ok": all(_OPS[b.op](values[b.text], b.value) for b in bounds), "values": values}
 
 
@@ -122,16 +156,18 @@ def mix_spec(qtype: str, kept: Sequence[Tuple[str, str]], keep_type: str = "F32"
     return "+".join(parts)
 
 
-def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True) -> Dict[str, Any]:
-    """Sensitivity of every group at ``qtype`` (measured if missing), then the greedy mix within ``budget`` (see
-    the module doc). Writes and returns REPORT/recommendation.json: status ("uniform", "mix", "nothing
-    quantized", "unmet"), the spec, its trial values and every greedy trial."""
+def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True,
+              snapshot: Optional[Path] = None) -> Dict[str, Any]:
+    """Sensitivity of every group at ``qtype`` (measured if missing, end to end too), then the greedy mix within
+    ``budget`` (see the module doc). Writes and returns REPORT/recommendation.json: status ("uniform", "mix",
+    "nothing quantized", "unmet"), the spec, its trial values and every greedy trial."""
     from tqdm import tqdm
 
     bounds = parse_budget(budget)
+    needs_e2e = any(b.e2e for b in bounds)
     paths = StudyPaths(out)
     clips = list(json.loads(paths.config.read_text())["clips"])
-    rows = measure_layers(out, qtype, clips, progress=progress)
+    rows = measure_layers(out, qtype, clips, progress=progress, snapshot=snapshot)
     by_name = {r["group"]: r for r in rows}
     order = [tuple(r["group"].split(".", 1)) for r in rows]  # least sensitive first
     trials: List[Dict[str, Any]] = []
@@ -139,14 +175,15 @@ def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True) -> D
     def trial(chosen: Sequence[Tuple[str, str]]) -> Dict[str, Any]:
         key = ",".join(sorted(group_name(r, g) for r, g in chosen))
         name = f"{qtype}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # the set, not the order, names a mix
-        cells = measure_mix(paths, qtype, name, chosen, clips)
-        t = {"name": name, "quantized": [group_name(r, g) for r, g in chosen], "bytes": cells[0]["cost"]["bytes"],
-             **within(bounds, [c["metrics"] for c in cells])}
+        cells = measure_mix(paths, qtype, name, chosen, clips, e2e=needs_e2e, snapshot=snapshot)
+        e2e = [c["metrics"] for c in cells["e2e"]] if cells["e2e"] else None
+        t = {"name": name, "quantized": [group_name(r, g) for r, g in chosen], "bytes": cells["llm"][0]["cost"]["bytes"],
+             **within(bounds, [c["metrics"] for c in cells["llm"]], e2e)}
         trials.append(t)
         return t
 
     result: Dict[str, Any] = {"qtype": qtype, "budget": [b.text for b in bounds], "objective": "smallest bytes",
-                              "ranking": [r["group"] for r in rows]}
+                              "ranking": [r["group"] for r in rows], "trials_end_to_end": needs_e2e}
     f32 = trial([])
     uniform = trial(order)
     if not f32["ok"]:
@@ -180,25 +217,66 @@ def load(out: Path) -> Optional[Dict[str, Any]]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _cells(out: Path, component: str, variant: str) -> List[Dict[str, Any]]:
+    from kimia_edge.quantization.study.run import load_cells
+
+    return [c for c in load_cells(out) if c["component"] == component and c["variant"] == variant
+            and "unavailable" not in c]
+
+
+def measured(out: Path, rec: Dict[str, Any]) -> Dict[str, Any]:
+    """The recommended spec's own study cells against the budget: {"spec", "bytes", "ok", "values" (each bound),
+    "llm" {"ok", "values"} (LLM bounds, None without), "e2e" {"variant", "ok", "values" (e2e bounds), "means"
+    (every e2e metric)}}. The spec is F32 when nothing may be quantized: its LLM figures are the F32 trial's (the
+    F32 export against itself), its end-to-end cells the ``fp32@F32`` floor."""
+    from kimia_edge.quantization.study.spec import E2E, LLM
+
+    bounds = parse_budget(",".join(rec["budget"]))
+    spec = rec["spec"] or "F32"
+    variant = f"{E2E_ONNX}@{spec}"
+    e2e = [c["metrics"] for c in _cells(out, E2E, variant)]
+    if spec == "F32":
+        llm_values = {b.text: rec["trials"][0]["values"][b.text] for b in bounds if not b.e2e}
+        nbytes, llm = rec["trials"][0]["bytes"], None
+    else:
+        cells = _cells(out, LLM, spec)
+        llm = [c["metrics"] for c in cells]
+        llm_values = within([b for b in bounds if not b.e2e], llm)["values"] if any(not b.e2e for b in bounds) else {}
+        nbytes = cells[0]["cost"]["bytes"]
+    e2e_bounds = [b for b in bounds if b.e2e]
+    e2e_values = within(e2e_bounds, [], e2e)["values"] if e2e and e2e_bounds else {}
+    values = {b.text: (e2e_values.get(b.text, float("nan")) if b.e2e else llm_values[b.text]) for b in bounds}
+    ok = all(_OPS[b.op](values[b.text], b.value) for b in bounds)
+    check = lambda bs: all(_OPS[b.op](values[b.text], b.value) for b in bs)  # noqa: E731
+    return {"spec": spec, "bytes": nbytes, "ok": ok, "values": values,
+            "llm": {"ok": check([b for b in bounds if not b.e2e]), "values": llm_values} if llm or spec == "F32"
+            else None,
+            "e2e": {"variant": variant, "clips": len(e2e), "ok": check(e2e_bounds), "values": e2e_values,
+                    "means": e2e_means(e2e) if e2e else None}}
+
+
 def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget: Optional[str], *,
                       variants: Optional[str] = None, progress: bool = True, **kw: Any) -> Optional[Dict[str, Any]]:
-    """``kimia-edge study --sensitivity TYPE [--budget SPEC]``: the study with ``llm=TYPE`` added, the per-group
-    sensitivity at TYPE, and with a budget the recommendation, whose spec is then measured as an ordinary LLM
-    variant (the exporter's path) beside the uniform rows; ``measured`` says whether those cells meet the budget."""
-    from kimia_edge.quantization.study.run import load_cells, run_study
+    """``kimia-edge study --sensitivity TYPE [--budget SPEC]``: the study with ``llm=TYPE`` and its end-to-end row
+    ``e2e:fp32@TYPE`` (with the end-to-end floors) added, the per-group sensitivity at TYPE (LLM and end-to-end
+    cells), and with a budget the recommendation, whose spec is then measured as an ordinary LLM variant (the
+    exporter's path) and as the end-to-end cell ``e2e:fp32@SPEC`` beside the uniform rows; ``measured`` (see
+    :func:`measured`) says whether those cells meet the budget."""
+    from kimia_edge.quantization.study.run import run_study
 
-    run_study(snapshot, audio, out, variants=",".join(filter(None, [variants, f"llm={qtype}"])),
+    run_study(snapshot, audio, out, variants=",".join(filter(None, [variants, f"llm={qtype}",
+                                                                    f"e2e:{E2E_ONNX}@{qtype}"])),
               progress=progress, **kw)
     if budget is None:
-        measure_layers(out, qtype, progress=progress)
+        measure_layers(out, qtype, progress=progress, snapshot=snapshot)
         return None
-    rec = recommend(out, qtype, budget, progress=progress)
-    if rec["status"] == "mix":
-        run_study(snapshot, audio, out, variants=f"llm={rec['spec']}", progress=progress, **kw)
-        cells = [c for c in load_cells(out) if c["component"] == "llm" and c["variant"] == rec["spec"]]
-        rec["measured"] = {"bytes": cells[0]["cost"]["bytes"],
-                           **within(parse_budget(budget), [c["metrics"] for c in cells])}
-        write_json(Path(out) / RECOMMENDATION_FILE, rec)
+    rec = recommend(out, qtype, budget, progress=progress, snapshot=snapshot)
+    spec = rec["spec"] or "F32"
+    run_study(snapshot, audio, out, variants=",".join(filter(None, [f"llm={spec}" if spec != "F32" else "",
+                                                                    f"e2e:{E2E_ONNX}@{spec}"])),
+              progress=progress, **kw)
+    rec["measured"] = measured(out, rec)
+    write_json(Path(out) / RECOMMENDATION_FILE, rec)
     return rec
 
 
@@ -231,14 +309,22 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
     """report.md lines for the sensitivity ranking(s) and the recommendation (empty when neither was run)."""
     lines: List[str] = []
     for qtype, rows in report.get("sensitivity", {}).items():
+        pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
+        num = lambda v, f=".3g": "–" if v is None else format(v, f)  # noqa: E731
         lines += [f"## LLM per-group sensitivity at {qtype}", "",
-                  f"One tensor group from the {qtype} files, every other tensor F32 (`gguf_mix`); impact = text + "
-                  "audio mean KLD (nats), least sensitive first; this is the order the budget greedy quantizes in.", "",
-                  "| group | impact | text mean KLD | audio mean KLD | text top-1 | audio top-1 | greedy steps | MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['group']} | {r['impact']:.3g} | {r['text_mean_kld']:.3g} | {r['audio_mean_kld']:.3g} | "
-                  f"{100 * r['text_top1']:.1f} % | {100 * r['audio_top1']:.1f} % | {r['greedy_agreement_steps']:.1f} | "
-                  f"{r['bytes'] / 1e6:.2f} |" for r in rows]
+                  f"One tensor group from the {qtype} files, every other tensor F32 (`gguf_mix`), measured by the LLM "
+                  "cells and end to end (the runtime Pipeline over fp32 graphs and that GGUF vs the golden torch "
+                  "pipeline). Ranked least sensitive first (the order the budget greedy quantizes in) by the "
+                  "end-to-end impact = (1 − audio-token agreement) + WER of the turn, ties (greedy turns often do "
+                  "not change at all) broken by the KLD impact = text + audio mean KLD (nats).", "",
+                  "| group | e2e impact | e2e audio tokens | e2e text tokens | e2e WER | e2e steps | KLD impact | "
+                  "text mean KLD | audio mean KLD | text top-1 | audio top-1 | greedy steps | MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['group']} | {num(r.get('e2e_impact'))} | {pct(r.get('e2e_audio_token_agreement'))} | "
+                  f"{pct(r.get('e2e_text_token_agreement'))} | {num(r.get('e2e_wer'))} | "
+                  f"{num(r.get('e2e_greedy_steps'), '.1f')} | {r['impact']:.3g} | {r['text_mean_kld']:.3g} | "
+                  f"{r['audio_mean_kld']:.3g} | {100 * r['text_top1']:.1f} % | {100 * r['audio_top1']:.1f} % | "
+                  f"{r['greedy_agreement_steps']:.1f} | {r['bytes'] / 1e6:.2f} |" for r in rows]
         lines += ["", f"![sensitivity {qtype}](sensitivity_{qtype}.png)", ""]
     for graph, rows in report.get("sensitivity_blocks", {}).items():
         lines += [f"## {graph}: per-block sensitivity at int8_dynamic", "",
@@ -257,9 +343,18 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
             lines += [f"Spec (`kimia-edge export --llm-quants '{rec['spec']}'`, measured above as the LLM row of "
                       f"that name): `{rec['spec']}`.", ""]
         measured = rec.get("measured") or rec["chosen"]
-        lines += [f"Measured: {measured['bytes'] / 1e6:.2f} MB, " + ", ".join(
+        lines += [f"Measured ({'the study cells of `' + measured['spec'] + '`' if 'spec' in measured else 'trial'}"
+                  f"): {measured['bytes'] / 1e6:.2f} MB, " + ", ".join(
             f"{k} = {v:.4g}" for k, v in measured["values"].items()) + f" → {'meets' if measured['ok'] else 'misses'} "
-            "the budget.", "", "| trial | groups quantized | MB | " + " | ".join(rec["budget"]) + " | within |",
+            "the budget.", ""]
+        means = (measured.get("e2e") or {}).get("means")
+        if means:
+            lines += [f"End to end (`e2e:{measured['e2e']['variant']}`, beside the uniform `e2e:fp32@{rec['qtype']}` "
+                      "row of the end-to-end table): " + ", ".join(f"{k} = {'–' if v is None else format(v, '.4g')}"
+                                                                    for k, v in means.items()) + ".", ""]
+        lines += [f"Greedy trials ({'LLM and end-to-end' if rec.get('trials_end_to_end') else 'LLM'} cells of each "
+                  "assembled mix):", "",
+                  "| trial | groups quantized | MB | " + " | ".join(rec["budget"]) + " | within |",
             "|---:|---:|---:|" + "---:|" * len(rec["budget"]) + "---|"]
         lines += [f"| {i} | {len(t['quantized'])} | {t['bytes'] / 1e6:.2f} | "
                   + " | ".join(f"{v:.4g}" for v in t["values"].values()) + f" | {'yes' if t['ok'] else 'no'} |"
@@ -273,9 +368,9 @@ def report_sections(out: Path) -> Dict[str, Any]:
     from kimia_edge.quantization.study.sensitivity import SENSITIVITY_DIR, ranking
 
     qtypes = sorted({p.name.split("__")[1].split("@")[0]
-                     for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")})
+                     for p in (Path(out) / SENSITIVITY_DIR).glob("llm__*@*.json")})
     sections: Dict[str, Any] = {"sensitivity": {q: ranking(out, q) for q in qtypes}} if qtypes else {}
-    graphs = sorted({p.name.split("__")[0] for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")} - {"llm"})
+    graphs = sorted({p.name.split("__")[0] for p in (Path(out) / SENSITIVITY_DIR).glob("*@*.json")} - {"llm", "e2e"})
     if graphs:
         from kimia_edge.quantization.study.onnx_blocks import block_ranking
 

@@ -74,18 +74,20 @@ def extract_mixes(spec: Optional[str]) -> Tuple[str, List[str]]:
 
 def parse_mix(mix: str) -> Tuple[str, str]:
     """``"fp32,dit_step=int8_dynamic@Q4_K_M"`` -> (ONNX precision spec, GGUF row); ValueError names what is wrong."""
-    from kimia_edge.quantization.study.spec import _gguf_row
+    from kimia_edge.quantization.study.spec import _gguf_row, is_sensitivity_row
     from kimia_edge.runtime.spec.graphs import RUNTIME_GRAPHS
     from kimia_edge.runtime.spec.precisions import parse_precision_spec
 
-    onnx, sep, row = mix.rpartition("@")
+    onnx, sep, row = mix.partition("@")  # an ONNX spec holds no '@'; a sensitivity row does (Q4_K_M@trunk.blk.3)
     if not sep or not onnx or not row:
         raise ValueError(f"end-to-end mix {mix!r}: expected ONNX_SPEC@GGUF_ROW, e.g. fp32,dit_step=int8_dynamic@Q4_K_M")
     try:
         parse_precision_spec(onnx, RUNTIME_GRAPHS)
     except ValueError as e:
         raise ValueError(f"end-to-end mix {mix!r}: {e}") from None
-    return onnx, row if row == "F32" else _gguf_row(row)
+    if row == "F32" or is_sensitivity_row(row):  # the F32 export; a sensitivity mix (its cells only)
+        return onnx, row
+    return onnx, _gguf_row(row)
 
 
 def _graph_precisions(onnx: str) -> Dict[str, str]:

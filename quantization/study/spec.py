@@ -24,7 +24,7 @@ from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
 from kimia_edge.runtime.spec.precisions import ONNX_PRECISIONS, PRECISION_NAMES, precision_applies
 
 __all__ = ["StudyVariant", "LLM", "E2E", "FLOOR_GRAPH", "FLOOR_LLM", "FLOOR_E2E", "parse_variants", "llm_rows",
-           "slug", "clip_id", "Cell", "cell_list"]
+           "slug", "clip_id", "Cell", "cell_list", "is_sensitivity_row"]
 
 LLM = "llm"
 FLOOR_GRAPH = ("fp32", "torch_threads")
@@ -32,6 +32,13 @@ FLOOR_LLM = ("F32_threads",)
 E2E = "e2e"
 FLOOR_E2E = ("fp32@F32", "noise_seed")  # end_to_end.py: the runtime at full precision; another noise seed
 _ORDER = (*ONNX_GRAPHS, LLM, E2E)
+# the GGUF mixes of sensitivity.py (assembled, measured, deleted): TYPE@ROLE.GROUP (one group) or TYPE~HASH (a trial)
+_SENSITIVITY_ROW = re.compile(r"[A-Za-z0-9_.+-]+(?:@(?:trunk|audio)\.[A-Za-z0-9_.]+|~[0-9a-f]{12})")
+
+
+def is_sensitivity_row(name: str) -> bool:
+    """Whether ``name`` is a GGUF mix of the sensitivity study (``Q4_K_M@trunk.blk.3``, ``Q4_K_M~0123456789ab``)."""
+    return _SENSITIVITY_ROW.fullmatch(name) is not None
 
 
 def slug(name: str) -> str:

@@ -1,6 +1,7 @@
-"""Per-group LLM sensitivity and the --budget recommendation on a tiny LLM-only study (one clip, 8 steps): the
-recommended mix meets every bound when the exporter's path makes it and the study measures it; a budget nothing
-meets is reported as such; the budget syntax names what is wrong."""
+"""Per-group LLM sensitivity and the --budget recommendation on a tiny study (one clip, 8 steps): the groups ranked by
+their end-to-end impact (then KLD); the recommended mix meets every bound, LLM and end-to-end, when the exporter's path
+makes it and the study measures it as an LLM row and as an end-to-end cell; a budget nothing meets is reported as
+such; the budget syntax names what is wrong."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ import pytest
 
 from kimia_edge.export.gguf_quantize import QUANT_TYPES
 from kimia_edge.quantization.gguf_mix import parse_mix, tensor_group
-from kimia_edge.quantization.study.budget import METRICS, mix_spec, parse_budget
+from kimia_edge.quantization.study.budget import METRICS, mix_spec, parse_budget, within
 
-# On the tiny snapshot (8 steps, qa_example) uniform Q4_K_M gives mean KLD ~2e-4 (text) / ~5e-4 (audio), while
-# every layer alone stays below ~3e-4: this budget needs a mix.
-MIX_BUDGET = "audio_mean_kld<=0.0002,text_mean_kld<=0.0001"
+# On the tiny snapshot (8 steps, qa_example) uniform Q4_K_M gives mean KLD ~7e-4 (text) / ~9e-4 (audio), while
+# every layer alone stays below ~7e-4: the KLD bounds need a mix. The end-to-end bounds hold for every mix on tiny
+# (its 7-step turn keeps its tokens), but naming them makes every greedy trial measure its end-to-end cells.
+MIX_BUDGET = "audio_mean_kld<=0.0002,text_mean_kld<=0.0001,e2e_audio_token_agreement>=0.99,e2e_wer<=0.01"
 
 
 def test_parse_budget_and_spec():
@@ -25,6 +27,17 @@ def test_parse_budget_and_spec():
         with pytest.raises(ValueError, match=why):
             parse_budget(bad)
     assert "audio_token_agreement" in METRICS
+    e = parse_budget("e2e_audio_token_agreement>=0.99,e2e_wer<=0.05,e2e_pesq>=3")
+    assert [x.e2e for x in e] == [True, True, True] and not b[0].e2e
+    for bad, why in (("e2e_wer>=0.1", "bounded with <="), ("e2e_stoi<=0.9", "bounded with >="), ("e2e_x>=1", "unknown")):
+        with pytest.raises(ValueError, match=why):
+            parse_budget(bad)
+    # NaN (no speech, no PESQ) meets no bound; an e2e bound without e2e cells is an error, not a silent pass
+    no_speech = {"audio_token_agreement": 1.0, "text_token_agreement": 1.0, "wer": 0.0, "greedy_agreement_steps": 3,
+                 "speech_mrstft": None, "pesq": None, "stoi": None}
+    assert not within(e, [], [no_speech])["ok"] and within(e[:2], [], [no_speech])["ok"]
+    with pytest.raises(ValueError, match="end-to-end"):
+        e[0].value_of([{}])
     kept = [("trunk", "blk.0"), ("trunk", "blk.1"), ("trunk", "blk.3"), ("audio", "blk.0"), ("trunk", "output")]
     assert mix_spec("Q4_K_M", kept) == "Q4_K_M+trunk.blk.0-1=F32+trunk.blk.3=F32+trunk.output=F32+audio.blk.0=F32"
 
@@ -49,13 +62,26 @@ def test_recommendation_meets_its_budget(study):
     rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, steps=8, progress=False)
     assert rec["status"] == "mix", rec["why"]
     assert rec["measured"]["ok"] and rec["chosen"]["ok"]
+    assert rec["trials_end_to_end"] and rec["measured"]["llm"]["ok"] and rec["measured"]["e2e"]["ok"]
+    cells = [json.loads(p.read_text()) for p in (out / "cells").glob(f"llm__{rec['spec']}__*.json")]
+    e2e = [json.loads(p.read_text()) for p in (out / "cells").glob(f"e2e__fp32@{rec['spec']}__*.json")]
+    assert len(cells) == len(e2e) == 1  # the spec measured by the study, as an LLM row and end to end
     for bound in parse_budget(MIX_BUDGET):  # the measured variant's own cells, bound by bound
-        cells = [json.loads(p.read_text()) for p in (out / "cells").glob(f"llm__{rec['spec']}__*.json")]
-        assert cells and bound.value_of([c["metrics"] for c in cells]) <= bound.value
+        got = bound.value_of([c["metrics"] for c in cells], [c["metrics"] for c in e2e])
+        assert got == rec["measured"]["values"][bound.text]
+        assert (got >= bound.value) if bound.op == ">=" else (got <= bound.value)
+    assert rec["measured"]["e2e"]["means"]["e2e_wer"] == e2e[0]["metrics"]["wer"]
+    assert rec["measured"]["e2e"]["means"]["e2e_greedy_steps"] == e2e[0]["metrics"]["greedy_agreement_steps"]
+    assert (out / "cells" / e2e[0]["clip"]).parent.joinpath(
+        f"e2e__fp32@{rec['qtype']}__{e2e[0]['clip']}.json").exists()  # beside the uniform end-to-end row
     uniform = next(t for t in rec["trials"] if len(t["quantized"]) == len(rec["ranking"]))
     assert not uniform["ok"]  # the budget did need a mix
     assert rec["measured"]["bytes"] < rec["trials"][0]["bytes"]  # smaller than F32
     assert rec["measured"]["values"] == rec["chosen"]["values"]  # exporter's file = the assembled trial, exactly
+    # every greedy trial was measured end to end, and no mix's files or bundle outlive its cells
+    assert len(list((out / "sensitivity").glob("e2e__fp32@Q4_K_M~*.json"))) == len(rec["trials"])
+    assert not [p for p in (out / "cache" / "gguf").iterdir() if "@" in p.name or "~" in p.name]
+    assert not [p for p in (out / "cache" / "bundles").iterdir() if "~" in p.name or p.name.count("@") > 1]
     # the groups the spec keeps are F32 in the exported files
     mix = parse_mix(rec["spec"], tuple(QUANT_TYPES))
     folder = out / "cache" / "gguf" / rec["spec"]
@@ -68,9 +94,16 @@ def test_recommendation_meets_its_budget(study):
     assert kept > 0
     report = write_report(out)
     assert report["recommendation"]["spec"] == rec["spec"]
-    assert [r["group"] for r in report["sensitivity"]["Q4_K_M"]] == rec["ranking"]
-    impacts = [r["impact"] for r in report["sensitivity"]["Q4_K_M"]]
-    assert impacts == sorted(impacts) and impacts[-1] > 0
+    rows = report["sensitivity"]["Q4_K_M"]
+    assert [r["group"] for r in rows] == rec["ranking"]
+    for r in rows:  # the stated e2e impact, recomputed from the group's stored end-to-end cell
+        m = json.loads(next((out / "sensitivity").glob(f"e2e__fp32@Q4_K_M@{r['group']}__*.json")).read_text())
+        assert r["e2e_impact"] == pytest.approx((1 - m["metrics"]["audio_token_agreement"]) + m["metrics"]["wer"])
+        assert m["cost"]["bytes"] > 0 and m["variant"] == f"fp32@Q4_K_M@{r['group']}"
+    keys = [(r["e2e_impact"], r["impact"]) for r in rows]
+    assert keys == sorted(keys) and rows[-1]["impact"] > 0  # e2e impact first, KLD breaks the ties
+    md = (out / "report.md").read_text()
+    assert "e2e impact" in md and f"e2e:fp32@{rec['spec']}" in md
     assert (out / "sensitivity_Q4_K_M.png").stat().st_size > 0
     assert rec["spec"] in (out / "report.md").read_text()
 
@@ -81,3 +114,10 @@ def test_unmeetable_budget_is_reported(study):
     snapshot, audio, out = study  # reuses the references and sensitivity cells of the test above when it ran
     rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "greedy_agreement_steps>=9", steps=8, progress=False)
     assert rec["status"] == "unmet" and rec["spec"] is None and "even the F32" in rec["why"]
+    # an end-to-end bound the F32 model misses (the tiny turn stops after 7 steps): reported, and F32 (the
+    # recommendation when nothing may be quantized) measured end to end as the fp32@F32 cell
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "e2e_greedy_steps>=100", steps=8, progress=False)
+    assert rec["status"] == "unmet" and rec["trials_end_to_end"] and not rec["measured"]["ok"]
+    cell = json.loads(next((out / "cells").glob("e2e__fp32@F32__*.json")).read_text())
+    assert rec["measured"]["spec"] == "F32" and rec["measured"]["e2e"]["variant"] == "fp32@F32"
+    assert rec["measured"]["values"]["e2e_greedy_steps>=100"] == cell["metrics"]["greedy_agreement_steps"] < 100
