@@ -117,8 +117,15 @@ def _study(args: argparse.Namespace) -> int:
 
         if args.budget:
             parse_budget(args.budget)  # a bad budget fails now, not after the sensitivity cells
+        if args.budget_keep:
+            from kimia_edge.export.gguf_quantize import QUANT_TYPES
+
+            if not args.budget or (args.budget_keep != "F32" and args.budget_keep not in QUANT_TYPES):
+                raise ValueError(f"--budget-keep {args.budget_keep!r}: needs --budget and a llama.cpp type "
+                                 "(e.g. Q8_0)")
         rec = study_sensitivity(args.snapshot, args.audio, args.out, (args.sensitivity or "").split(","), args.budget,
-                                variants=args.variants, jobs=args.jobs, steps=args.steps, bundle=args.bundle)
+                                variants=args.variants, jobs=args.jobs, steps=args.steps, bundle=args.bundle,
+                                keep_type=args.budget_keep)
         if rec is not None:
             print(f"budget: {rec['status']} ({rec['why']})" + (f": --llm-quants '{rec['spec']}'" if rec["spec"] else ""))
     report = write_report(args.out)
@@ -176,8 +183,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                        "embedding or head from the TYPE files, the rest F32; with --budget the first type, default "
                        "Q4_K_M)")
     study.add_argument("--budget", metavar="SPEC", help="recommend the smallest LLM mix within bounds on the LLM "
-                       "metrics, e.g. 'audio_top1>=0.99,text_top1>=0.99' (names: quantization/study/budget.py), "
-                       "and measure it")
+                       "or end-to-end metrics, e.g. 'e2e_audio_token_agreement>=0.99,text_top1>=0.99' (names: "
+                       "quantization/study/budget.py), and measure it as an LLM row and end to end (e2e:fp32@SPEC)")
+    study.add_argument("--budget-keep", metavar="TYPE", help="the budget greedy's second type: a group that breaks "
+                       "the budget at the --sensitivity type is tried at TYPE (e.g. Q8_0, quantized for the study) "
+                       "before it stays F32")
     study.add_argument("--qdq-debug", action="store_true", help="also the per-tensor activation error (SQNR) of "
                        "each static int8 (QDQ) variant, by ONNX Runtime's qdq_loss_debug, on one clip")
     study.add_argument("--replot", type=Path, metavar="REPORT", help="redraw report.md and the plots from "

@@ -145,22 +145,26 @@ def _ranges(indices: Sequence[int]) -> List[str]:
     return out
 
 
-def mix_spec(qtype: str, kept: Sequence[Tuple[str, str]], keep_type: str = "F32") -> str:
-    """The mix spec quantizing everything at ``qtype`` but the (role, group)s ``kept`` at ``keep_type``; layers of
-    one file in consecutive runs become ranges (``trunk.blk.0-3``)."""
+def mix_spec(qtype: str, kept: Sequence[Tuple[str, str]], keep_type: str = "F32",
+             also: Optional[Dict[str, Sequence[Tuple[str, str]]]] = None) -> str:
+    """The mix spec quantizing everything at ``qtype`` but the (role, group)s ``kept`` at ``keep_type`` (and those of
+    ``also``, {type: groups}, at that type); layers of one file in consecutive runs become ranges
+    (``trunk.blk.0-3``)."""
     parts = [qtype]
-    for role in ("trunk", "audio"):
-        blocks = [int(g.split(".")[1]) for r, g in kept if r == role and g.startswith("blk.")]
-        parts += [f"{role}.blk.{r}={keep_type}" for r in _ranges(blocks)]
-        parts += [f"{role}.{g}={keep_type}" for r, g in sorted(kept) if r == role and not g.startswith("blk.")]
+    for t, groups in [(keep_type, kept), *(also or {}).items()]:
+        for role in ("trunk", "audio"):
+            blocks = [int(g.split(".")[1]) for r, g in groups if r == role and g.startswith("blk.")]
+            parts += [f"{role}.blk.{r}={t}" for r in _ranges(blocks)]
+            parts += [f"{role}.{g}={t}" for r, g in sorted(groups) if r == role and not g.startswith("blk.")]
     return "+".join(parts)
 
 
-def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True,
-              snapshot: Optional[Path] = None) -> Dict[str, Any]:
+def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True, snapshot: Optional[Path] = None,
+              keep_type: Optional[str] = None) -> Dict[str, Any]:
     """Sensitivity of every group at ``qtype`` (measured if missing, end to end too), then the greedy mix within
-    ``budget`` (see the module doc). Writes and returns REPORT/recommendation.json: status ("uniform", "mix",
-    "nothing quantized", "unmet"), the spec, its trial values and every greedy trial."""
+    ``budget`` (see the module doc; ``keep_type``: the second type a group that breaks the budget at ``qtype`` is
+    tried at). Writes and returns REPORT/recommendation.json: status ("uniform", "mix", "nothing quantized",
+    "unmet"), the spec, its trial values and every greedy trial."""
     from tqdm import tqdm
 
     bounds = parse_budget(budget)
@@ -172,18 +176,23 @@ def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True,
     order = [tuple(r["group"].split(".", 1)) for r in rows]  # least sensitive first
     trials: List[Dict[str, Any]] = []
 
-    def trial(chosen: Sequence[Tuple[str, str]]) -> Dict[str, Any]:
+    def trial(chosen: Sequence[Tuple[str, str]], second: Sequence[Tuple[str, str]] = ()) -> Dict[str, Any]:
         key = ",".join(sorted(group_name(r, g) for r, g in chosen))
-        name = f"{qtype}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"  # the set, not the order, names a mix
-        cells = measure_mix(paths, qtype, name, chosen, clips, e2e=needs_e2e, snapshot=snapshot)
+        if second:  # the sets, not the order, name a mix (no second type: the names of earlier studies)
+            key += f"|{keep_type}:" + ",".join(sorted(group_name(r, g) for r, g in second))
+        name = f"{qtype}~{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+        cells = measure_mix(paths, qtype, name, chosen, clips, e2e=needs_e2e, snapshot=snapshot, kept=second,
+                            keep_type=keep_type)
         e2e = [c["metrics"] for c in cells["e2e"]] if cells["e2e"] else None
         t = {"name": name, "quantized": [group_name(r, g) for r, g in chosen], "bytes": cells["llm"][0]["cost"]["bytes"],
+             **({"at_keep_type": [group_name(r, g) for r, g in second]} if second else {}),
              **within(bounds, [c["metrics"] for c in cells["llm"]], e2e)}
         trials.append(t)
         return t
 
     result: Dict[str, Any] = {"qtype": qtype, "budget": [b.text for b in bounds], "objective": "smallest bytes",
-                              "ranking": [r["group"] for r in rows], "trials_end_to_end": needs_e2e}
+                              "ranking": [r["group"] for r in rows], "trials_end_to_end": needs_e2e,
+                              "keep_type": keep_type}
     f32 = trial([])
     uniform = trial(order)
     if not f32["ok"]:
@@ -193,19 +202,31 @@ def recommend(out: Path, qtype: str, budget: str, *, progress: bool = True,
         result.update(status="uniform", spec=qtype, chosen=uniform, why=f"uniform {qtype} already meets the budget")
     else:
         chosen: List[Tuple[str, str]] = []
+        second: List[Tuple[str, str]] = []
         best = f32
         for role, group in tqdm(order, desc="budget greedy", unit="group", disable=not progress):
-            t = trial([*chosen, (role, group)])
+            t = trial([*chosen, (role, group)], second)
             if t["ok"]:
                 chosen.append((role, group))
                 best = t
-        if not chosen:
+            elif keep_type is not None:
+                t = trial(chosen, [*second, (role, group)])
+                if t["ok"]:
+                    second.append((role, group))
+                    best = t
+        if not chosen and not second:
             result.update(status="nothing quantized", spec=None, chosen=f32,
-                          why=f"no group of {qtype} can be quantized within the budget: keep F32 (or F16)")
+                          why=f"no group of {qtype}{' or ' + keep_type if keep_type else ''} can be quantized "
+                              "within the budget: keep F32 (or F16)")
         else:
-            kept = [g for g in order if g not in chosen]
-            result.update(status="mix", spec=mix_spec(qtype, kept), chosen=best,
-                          why=f"{len(chosen)} of {len(order)} groups at {qtype}, the rest F32")
+            kept = [g for g in order if g not in chosen and g not in second]
+            base = qtype if chosen else keep_type
+            spec = (mix_spec(qtype, kept, also={keep_type: second} if second else None) if chosen
+                    else mix_spec(keep_type, kept))
+            result.update(status="mix", spec=spec, chosen=best,
+                          why=f"{len(chosen)} of {len(order)} groups at {qtype}"
+                              + (f", {len(second)} at {keep_type}" if second else "") + ", the rest F32"
+                              + ("" if base == qtype else f" (base {keep_type})"))
     result["trials"] = trials
     result["sensitivity_bytes"] = {g: by_name[g]["bytes"] for g in by_name}
     write_json(paths.root / RECOMMENDATION_FILE, result)
@@ -256,7 +277,8 @@ def measured(out: Path, rec: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget: Optional[str], *,
-                      variants: Optional[str] = None, progress: bool = True, **kw: Any) -> Optional[Dict[str, Any]]:
+                      variants: Optional[str] = None, progress: bool = True, keep_type: Optional[str] = None,
+                      **kw: Any) -> Optional[Dict[str, Any]]:
     """``kimia-edge study --sensitivity TYPE [--budget SPEC]``: the study with ``llm=TYPE`` and its end-to-end row
     ``e2e:fp32@TYPE`` (with the end-to-end floors) added, the per-group sensitivity at TYPE (LLM and end-to-end
     cells), and with a budget the recommendation, whose spec is then measured as an ordinary LLM variant (the
@@ -264,13 +286,15 @@ def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget
     :func:`measured`) says whether those cells meet the budget."""
     from kimia_edge.quantization.study.run import run_study
 
-    run_study(snapshot, audio, out, variants=",".join(filter(None, [variants, f"llm={qtype}",
+    keep = f"llm={keep_type}" if budget is not None and keep_type not in (None, "F32") else None
+    run_study(snapshot, audio, out, variants=",".join(filter(None, [variants, f"llm={qtype}", keep,
                                                                     f"e2e:{E2E_ONNX}@{qtype}"])),
               progress=progress, **kw)
     if budget is None:
         measure_layers(out, qtype, progress=progress, snapshot=snapshot)
         return None
-    rec = recommend(out, qtype, budget, progress=progress, snapshot=snapshot)
+    rec = recommend(out, qtype, budget, progress=progress, snapshot=snapshot,
+                    keep_type=keep_type if keep_type != "F32" else None)
     spec = rec["spec"] or "F32"
     run_study(snapshot, audio, out, variants=",".join(filter(None, [f"llm={spec}" if spec != "F32" else "",
                                                                     f"e2e:{E2E_ONNX}@{spec}"])),
@@ -281,10 +305,12 @@ def study_with_budget(snapshot: Path, audio: Path, out: Path, qtype: str, budget
 
 
 def study_sensitivity(snapshot: Path, audio: Path, out: Path, items: Sequence[str], budget: Optional[str], *,
-                      variants: Optional[str] = None, progress: bool = True, **kw: Any) -> Optional[Dict[str, Any]]:
-    """``kimia-edge study --sensitivity ITEMS [--budget SPEC]``: each item is an ONNX graph (its blocks int8 one at a
-    time, ``onnx_blocks.py``) or a llama.cpp type (the LLM's groups, ``study_with_budget``; with a budget, the
-    recommendation at that type, Q4_K_M if no type is named). Returns the recommendation (None without budget)."""
+                      variants: Optional[str] = None, progress: bool = True, keep_type: Optional[str] = None,
+                      **kw: Any) -> Optional[Dict[str, Any]]:
+    """``kimia-edge study --sensitivity ITEMS [--budget SPEC [--budget-keep TYPE]]``: each item is an ONNX graph (its
+    blocks int8 one at a time, ``onnx_blocks.py``) or a llama.cpp type (the LLM's groups, ``study_with_budget``; with
+    a budget, the recommendation at that type, Q4_K_M if no type is named, ``keep_type`` the second type of its
+    greedy). Returns the recommendation (None without budget)."""
     from kimia_edge.quantization.study.onnx_blocks import PRECISION, measure_blocks
     from kimia_edge.quantization.study.run import run_study
     from kimia_edge.runtime.spec.graphs import ONNX_GRAPHS
@@ -301,7 +327,7 @@ def study_sensitivity(snapshot: Path, audio: Path, out: Path, items: Sequence[st
     rec = None
     for i, q in enumerate(qtypes):
         rec = study_with_budget(snapshot, audio, out, q, budget if i == 0 else None, variants=variants,
-                                progress=progress, **kw) or rec
+                                progress=progress, keep_type=keep_type if i == 0 else None, **kw) or rec
     return rec
 
 
@@ -356,7 +382,9 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
                   "assembled mix):", "",
                   "| trial | groups quantized | MB | " + " | ".join(rec["budget"]) + " | within |",
             "|---:|---:|---:|" + "---:|" * len(rec["budget"]) + "---|"]
-        lines += [f"| {i} | {len(t['quantized'])} | {t['bytes'] / 1e6:.2f} | "
+        lines += [f"| {i} | {len(t['quantized'])}"
+                  + (f" + {len(t['at_keep_type'])} at {rec['keep_type']}" if t.get("at_keep_type") else "")
+                  + f" | {t['bytes'] / 1e6:.2f} | "
                   + " | ".join(f"{v:.4g}" for v in t["values"].values()) + f" | {'yes' if t['ok'] else 'no'} |"
                   for i, t in enumerate(rec["trials"])]
         lines.append("")

@@ -92,14 +92,18 @@ def _cell_keys(folder: Path, name: str, clips: Sequence[str], e2e: bool) -> Dict
 
 
 def measure_mix(paths: StudyPaths, qtype: str, name: str, quantized: Sequence[Tuple[str, str]],
-                clips: Sequence[str], *, e2e: bool = True, snapshot: Optional[Path] = None) -> Dict[str, Any]:
-    """The cells of the mix whose ``quantized`` (role, group)s come from the ``qtype`` files and the rest from F32:
-    per clip an LLM cell and (``e2e``) an end-to-end cell ``fp32@<name>``, stored as
-    sensitivity/<component>__<variant>__<clip>.json, reused when present. ``snapshot`` (for the bundle's profiles
-    when not cached) defaults to the study's. Returns {"llm": [cell per clip], "e2e": [cell per clip] or None}."""
+                clips: Sequence[str], *, e2e: bool = True, snapshot: Optional[Path] = None,
+                kept: Sequence[Tuple[str, str]] = (), keep_type: Optional[str] = None) -> Dict[str, Any]:
+    """The cells of the mix whose ``quantized`` (role, group)s come from the ``qtype`` files, the ``kept`` ones from
+    the ``keep_type`` files (a second prepared row, e.g. Q8_0) and the rest from F32: per clip an LLM cell and
+    (``e2e``) an end-to-end cell ``fp32@<name>``, stored as sensitivity/<component>__<variant>__<clip>.json, reused
+    when present. ``snapshot`` (for the bundle's profiles when not cached) defaults to the study's. Returns
+    {"llm": [cell per clip], "e2e": [cell per clip] or None}."""
     folder = _folder(paths)
     keys = _cell_keys(folder, name, clips, e2e)
     tags = dict(qtype=qtype, quantized=[group_name(r, g) for r, g in quantized])
+    if kept:
+        tags.update(keep_type=keep_type, kept=[group_name(r, g) for r, g in kept])
 
     def result() -> Dict[str, Any]:
         load = lambda comp: [json.loads(keys[comp, c].read_text()) for c in clips]  # noqa: E731
@@ -108,15 +112,18 @@ def measure_mix(paths: StudyPaths, qtype: str, name: str, quantized: Sequence[Tu
     if all(k.exists() for k in keys.values()):
         return result()
     f32, quant = paths.gguf / "F32", paths.gguf / qtype
-    if not (quant / ".done").exists():
-        raise FileNotFoundError(f"{quant}: the {qtype} row is not prepared (add llm={qtype} to the study)")
-    chosen = set(quantized)
+    sources = [f32, quant] + ([paths.gguf / keep_type] if kept else [])
+    for t, src in zip(([qtype, keep_type] if kept else [qtype]), sources[1:]):
+        if not (src / ".done").exists():
+            raise FileNotFoundError(f"{src}: the {t} row is not prepared (add llm={t} to the study)")
+    chosen, second = set(quantized), set(kept)
     mix = paths.gguf / name
     mix_e2e = f"{E2E_ONNX}@{name}"
     from kimia_edge.quantization.study.end_to_end import bundle_dir, e2e_cell, write_mix_bundle
 
     try:
-        assemble_llm([f32, quant], lambda role, group: int((role, group) in chosen), mix)
+        assemble_llm(sources, lambda role, group: 1 if (role, group) in chosen else 2 if (role, group) in second
+                     else 0, mix)
         (mix / ".done").touch()
         for c in clips:
             if not keys[LLM, c].exists():

@@ -40,6 +40,8 @@ def test_parse_budget_and_spec():
         e[0].value_of([{}])
     kept = [("trunk", "blk.0"), ("trunk", "blk.1"), ("trunk", "blk.3"), ("audio", "blk.0"), ("trunk", "output")]
     assert mix_spec("Q4_K_M", kept) == "Q4_K_M+trunk.blk.0-1=F32+trunk.blk.3=F32+trunk.output=F32+audio.blk.0=F32"
+    assert mix_spec("Q4_K_M", kept[:1], also={"Q8_0": [("trunk", "blk.2"), ("trunk", "blk.3"), ("audio", "output")]}) \
+        == "Q4_K_M+trunk.blk.0=F32+trunk.blk.2-3=Q8_0+audio.output=Q8_0"
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,21 @@ def test_unmeetable_budget_is_reported(study):
     cell = json.loads(next((out / "cells").glob("e2e__fp32@F32__*.json")).read_text())
     assert rec["measured"]["spec"] == "F32" and rec["measured"]["e2e"]["variant"] == "fp32@F32"
     assert rec["measured"]["values"]["e2e_greedy_steps>=100"] == cell["metrics"]["greedy_agreement_steps"] < 100
+
+
+@pytest.mark.slow
+def test_second_type_before_f32(study):
+    """--budget-keep Q8_0: the groups that break the KLD bounds at Q4_K_M are tried at Q8_0 before F32; the spec
+    carries =Q8_0 scopes, the exporter's file of it measures as the assembled trial did, and it is smaller than the
+    F32-kept mix."""
+    from kimia_edge.quantization.study.budget import study_with_budget
+
+    snapshot, audio, out = study
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, steps=8, progress=False, keep_type="Q8_0")
+    assert rec["status"] == "mix" and "=Q8_0" in rec["spec"] and "=F32" not in rec["spec"], rec["spec"]
+    assert rec["measured"]["ok"] and rec["measured"]["e2e"]["ok"]
+    assert rec["measured"]["values"] == rec["chosen"]["values"]  # the exporter's =Q8_0 scopes = the Q8_0 row's bytes
+    assert any(t.get("at_keep_type") for t in rec["trials"])
+    f32_kept = next(t for t in rec["trials"] if t["ok"] and not t.get("at_keep_type")
+                    and len(t["quantized"]) == len(rec["ranking"]) - 2)  # the mix of the F32-only greedy
+    assert rec["measured"]["bytes"] < f32_kept["bytes"]
