@@ -14,9 +14,11 @@ from kimia_edge.quantization.gguf_mix import parse_mix, tensor_group
 from kimia_edge.quantization.study.budget import METRICS, mix_spec, parse_budget, within
 
 # On the tiny snapshot (8 steps, qa_example) uniform Q4_K_M gives mean KLD ~7e-4 (text) / ~9e-4 (audio), while
-# every layer alone stays below ~7e-4: the KLD bounds need a mix. The end-to-end bounds hold for every mix on tiny
-# (its 7-step turn keeps its tokens), but naming them makes every greedy trial measure its end-to-end cells.
-MIX_BUDGET = "audio_mean_kld<=0.0002,text_mean_kld<=0.0001,e2e_audio_token_agreement>=0.99,e2e_wer<=0.01"
+# every layer alone stays below ~7e-4: this budget needs a mix.
+MIX_BUDGET = "audio_mean_kld<=0.0002,text_mean_kld<=0.0001"
+# The end-to-end bounds hold for uniform Q4_K_M on tiny (its 7-step turn keeps its tokens): naming them makes the
+# greedy's trials measure their end-to-end cells, and the recommendation is the uniform type.
+E2E_BUDGET = "e2e_audio_token_agreement>=0.99,e2e_wer<=0.01,e2e_text_token_agreement>=0.99"
 
 
 def test_parse_budget_and_spec():
@@ -45,12 +47,13 @@ def test_parse_budget_and_spec():
 
 
 @pytest.fixture(scope="module")
-def study(tiny_snapshot, shared_audio, tmp_path_factory):
+def study(tiny_snapshot, tiny_bundle, shared_audio, tmp_path_factory):
+    """(snapshot, audio folder, report folder, run_study keywords): the session bundle's fp32 graphs (no export)."""
     tmp = tmp_path_factory.mktemp("budget")
     audio = tmp / "audio"
     audio.mkdir()
     shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
-    return tiny_snapshot, audio, tmp / "report"
+    return tiny_snapshot, audio, tmp / "report", dict(steps=8, progress=False, bundle=tiny_bundle)
 
 
 def test_recommendation_meets_its_budget(study):
@@ -60,18 +63,18 @@ def test_recommendation_meets_its_budget(study):
     from kimia_edge.quantization.study.report import write_report
     from kimia_edge.runtime.spec.gguf import FILES
 
-    snapshot, audio, out = study
-    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, steps=8, progress=False)
+    snapshot, audio, out, kw = study
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, **kw)
     assert rec["status"] == "mix", rec["why"]
     assert rec["measured"]["ok"] and rec["chosen"]["ok"]
-    assert rec["trials_end_to_end"] and rec["measured"]["llm"]["ok"] and rec["measured"]["e2e"]["ok"]
+    assert not rec["trials_end_to_end"] and rec["measured"]["llm"]["ok"] and rec["measured"]["e2e"]["ok"]
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob(f"llm__{rec['spec']}__*.json")]
     e2e = [json.loads(p.read_text()) for p in (out / "cells").glob(f"e2e__fp32@{rec['spec']}__*.json")]
     assert len(cells) == len(e2e) == 1  # the spec measured by the study, as an LLM row and end to end
     for bound in parse_budget(MIX_BUDGET):  # the measured variant's own cells, bound by bound
         got = bound.value_of([c["metrics"] for c in cells], [c["metrics"] for c in e2e])
         assert got == rec["measured"]["values"][bound.text]
-        assert (got >= bound.value) if bound.op == ">=" else (got <= bound.value)
+        assert _ok(bound, got)
     assert rec["measured"]["e2e"]["means"]["e2e_wer"] == e2e[0]["metrics"]["wer"]
     assert rec["measured"]["e2e"]["means"]["e2e_greedy_steps"] == e2e[0]["metrics"]["greedy_agreement_steps"]
     assert (out / "cells" / e2e[0]["clip"]).parent.joinpath(
@@ -80,8 +83,9 @@ def test_recommendation_meets_its_budget(study):
     assert not uniform["ok"]  # the budget did need a mix
     assert rec["measured"]["bytes"] < rec["trials"][0]["bytes"]  # smaller than F32
     assert rec["measured"]["values"] == rec["chosen"]["values"]  # exporter's file = the assembled trial, exactly
-    # every greedy trial was measured end to end, and no mix's files or bundle outlive its cells
-    assert len(list((out / "sensitivity").glob("e2e__fp32@Q4_K_M~*.json"))) == len(rec["trials"])
+    # no budget bound names an e2e metric: the trials have no end-to-end cells; no mix's files or bundle outlive
+    # its cells
+    assert not list((out / "sensitivity").glob("e2e__fp32@Q4_K_M~*.json"))
     assert not [p for p in (out / "cache" / "gguf").iterdir() if "@" in p.name or "~" in p.name]
     assert not [p for p in (out / "cache" / "bundles").iterdir() if "~" in p.name or p.name.count("@") > 1]
     # the groups the spec keeps are F32 in the exported files
@@ -113,16 +117,39 @@ def test_recommendation_meets_its_budget(study):
 def test_unmeetable_budget_is_reported(study):
     from kimia_edge.quantization.study.budget import study_with_budget
 
-    snapshot, audio, out = study  # reuses the references and sensitivity cells of the test above when it ran
-    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "greedy_agreement_steps>=9", steps=8, progress=False)
+    snapshot, audio, out, kw = study  # reuses the references and sensitivity cells of the test above when it ran
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "greedy_agreement_steps>=9", **kw)
     assert rec["status"] == "unmet" and rec["spec"] is None and "even the F32" in rec["why"]
     # an end-to-end bound the F32 model misses (the tiny turn stops after 7 steps): reported, and F32 (the
     # recommendation when nothing may be quantized) measured end to end as the fp32@F32 cell
-    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "e2e_greedy_steps>=100", steps=8, progress=False)
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", "e2e_greedy_steps>=100", **kw)
     assert rec["status"] == "unmet" and rec["trials_end_to_end"] and not rec["measured"]["ok"]
     cell = json.loads(next((out / "cells").glob("e2e__fp32@F32__*.json")).read_text())
     assert rec["measured"]["spec"] == "F32" and rec["measured"]["e2e"]["variant"] == "fp32@F32"
     assert rec["measured"]["values"]["e2e_greedy_steps>=100"] == cell["metrics"]["greedy_agreement_steps"] < 100
+
+
+def test_end_to_end_budget(study):
+    """A budget on end-to-end metrics: the greedy's trials are measured end to end, the recommendation meets it, and
+    ``measured`` holds the values of the study's own end-to-end cell of the spec."""
+    from kimia_edge.quantization.study.budget import study_with_budget
+
+    snapshot, audio, out, kw = study
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", E2E_BUDGET, **kw)
+    assert rec["trials_end_to_end"] and rec["status"] == "uniform" and rec["spec"] == "Q4_K_M", rec["why"]
+    assert rec["measured"]["ok"] and rec["measured"]["e2e"]["ok"] and rec["measured"]["llm"]["values"] == {}
+    for t in rec["trials"][:2]:  # the F32 and the uniform trials, each with its end-to-end cell
+        cell = json.loads(next((out / "sensitivity").glob(f"e2e__fp32@{t['name']}__*.json")).read_text())
+        assert t["values"]["e2e_wer<=0.01"] == cell["metrics"]["wer"]
+    cell = json.loads(next((out / "cells").glob("e2e__fp32@Q4_K_M__*.json")).read_text())["metrics"]
+    want = {"e2e_audio_token_agreement>=0.99": cell["audio_token_agreement"], "e2e_wer<=0.01": cell["wer"],
+            "e2e_text_token_agreement>=0.99": cell["text_token_agreement"]}
+    assert rec["measured"]["values"] == rec["measured"]["e2e"]["values"] == want
+    assert all(_ok(b, want[b.text]) for b in parse_budget(E2E_BUDGET))
+
+
+def _ok(bound, value: float) -> bool:
+    return value >= bound.value if bound.op == ">=" else value <= bound.value
 
 
 @pytest.mark.slow
@@ -132,10 +159,10 @@ def test_second_type_before_f32(study):
     F32-kept mix."""
     from kimia_edge.quantization.study.budget import study_with_budget
 
-    snapshot, audio, out = study
-    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, steps=8, progress=False, keep_type="Q8_0")
+    snapshot, audio, out, kw = study
+    rec = study_with_budget(snapshot, audio, out, "Q4_K_M", MIX_BUDGET, keep_type="Q8_0", **kw)
     assert rec["status"] == "mix" and "=Q8_0" in rec["spec"] and "=F32" not in rec["spec"], rec["spec"]
-    assert rec["measured"]["ok"] and rec["measured"]["e2e"]["ok"]
+    assert rec["measured"]["ok"] and rec["measured"]["e2e"]["means"]
     assert rec["measured"]["values"] == rec["chosen"]["values"]  # the exporter's =Q8_0 scopes = the Q8_0 row's bytes
     assert any(t.get("at_keep_type") for t in rec["trials"])
     f32_kept = next(t for t in rec["trials"] if t["ok"] and not t.get("at_keep_type")
