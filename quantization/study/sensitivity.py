@@ -225,7 +225,9 @@ def plot_bars(rows: Sequence[Dict[str, Any]], qtype: str, path: Path, label: str
             vals = np.array([f(r[key]) if r.get(key) is not None else 0.0 for r in rows])
             ax2.bar(x, vals, width=0.6, bottom=bottom, label=legend)
             bottom += vals
-        ax2.set(ylabel="end-to-end impact")
+        ax2.set(ylabel="end-to-end impact", ylim=(0, max(1.15 * float(bottom.max()), 0.05)))
+        if not bottom.any():
+            ax2.text(0.5, 0.5, "no group alone changes the turn", transform=ax2.transAxes, ha="center", fontsize=9)
         ax2.legend(fontsize=8)
     axes[-1][0].set_xticks(x, [r["group"] for r in rows], rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
