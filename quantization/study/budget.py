@@ -318,12 +318,13 @@ def study_sensitivity(snapshot: Path, audio: Path, out: Path, items: Sequence[st
     items = [i.strip() for i in items if i.strip()]
     graphs = [i for i in items if i in ONNX_GRAPHS]
     qtypes = [i for i in items if i not in ONNX_GRAPHS] or (["Q4_K_M"] if budget else [])
-    if graphs:
+    if graphs:  # with the end-to-end floor: its golden turns are the reference of the blocks' end-to-end cells
         run_study(snapshot, audio, out, variants=",".join([*filter(None, [variants]), *(f"{g}={PRECISION}"
-                                                                                         for g in graphs)]),
+                                                                                         for g in graphs),
+                                                           f"e2e:{E2E_ONNX}@F32"]),
                   progress=progress, **kw)
         for g in graphs:
-            measure_blocks(out, snapshot, g)
+            measure_blocks(out, snapshot, g, e2e=True)
     rec = None
     for i, q in enumerate(qtypes):
         rec = study_with_budget(snapshot, audio, out, q, budget if i == 0 else None, variants=variants,
@@ -353,12 +354,19 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
                   f"{r['greedy_agreement_steps']:.1f} | {r['bytes'] / 1e6:.2f} |" for r in rows]
         lines += ["", f"![sensitivity {qtype}](sensitivity_{qtype}.png)", ""]
     for graph, rows in report.get("sensitivity_blocks", {}).items():
+        num = lambda v, f=".3g": "–" if v is None else format(v, f)  # noqa: E731
         lines += [f"## {graph}: per-block sensitivity at int8_dynamic", "",
                   f"One block's MatMul / Gemm / Conv nodes int8 (ONNX Runtime `quantize_dynamic`, "
-                  f"`nodes_to_quantize`), the rest fp32; impact = {rows[0]['metric'] if rows else 'headline'}, "
-                  "least sensitive first (`other` = the nodes outside every block).", "",
-                  "| block | impact | MB |", "|---|---:|---:|"]
-        lines += [f"| {r['group']} | {r['impact']:.4g} | {r['bytes'] / 1e6:.3f} |" for r in rows]
+                  f"`nodes_to_quantize`), the rest fp32 (`other` = the nodes outside every block), measured by the "
+                  f"graph cell (impact = {rows[0]['metric'] if rows else 'headline'}) and end to end (that graph as "
+                  "the bundle's int8_dynamic, every other graph fp32, the F32 GGUF, vs the golden pipeline). Ranked "
+                  "least sensitive first by e2e impact = (1 − audio-token agreement) + WER, then the speech's "
+                  "MR-STFT distance, then the component impact.", "",
+                  "| block | e2e impact | e2e audio tokens | e2e WER | e2e speech MR-STFT | e2e PESQ | impact | MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['group']} | {num(r.get('e2e_impact'))} | {num(r.get('e2e_audio_token_agreement'), '.1%')} | "
+                  f"{num(r.get('e2e_wer'))} | {num(r.get('e2e_mrstft'), '.4g')} | {num(r.get('e2e_pesq'))} | "
+                  f"{r['impact']:.4g} | {r['bytes'] / 1e6:.3f} |" for r in rows]
         lines += ["", f"![{graph} blocks](sensitivity_{graph}.png)", ""]
     rec = report.get("recommendation")
     if rec:

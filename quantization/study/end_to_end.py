@@ -151,16 +151,20 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def write_mix_bundle(paths, snapshot: Path, mix: str) -> Path:
-    """REPORT/cache/bundles/<mix>/: a real bundle (manifest with sizes and sha256) of the mix's graphs (and fp32,
-    the runtime's fallback), its GGUF row, the VQ codebook and the text tokenizer. Made once."""
+def write_mix_bundle(paths, snapshot: Path, mix: str, out: Optional[Path] = None,
+                     graphs: Optional[Dict[str, Path]] = None) -> Path:
+    """REPORT/cache/bundles/<mix>/ (or ``out``): a real bundle (manifest with sizes and sha256) of the mix's graphs
+    (and fp32, the runtime's fallback), its GGUF row, the VQ codebook and the text tokenizer. Made once.
+    ``graphs``: {graph: ONNX file} standing for that graph's (non-fp32) precision of the mix (onnx_blocks.py: a
+    one-block int8 graph as the graph's int8_dynamic)."""
     from kimia_edge.export.bundle import BundleWriter
     from kimia_edge.export.exporter import copy_text_tokenizer, model_config, source_info
     from kimia_edge.export.fileio import graph_files
     from kimia_edge.quantization.study.run import gguf_files
     from kimia_edge.runtime.spec.graphs import llm_artifact
 
-    out = bundle_dir(paths, mix)
+    out = Path(out) if out is not None else bundle_dir(paths, mix)
+    graphs = graphs or {}
     if out.exists():
         return out
     onnx, row = parse_mix(mix)
@@ -174,7 +178,7 @@ def write_mix_bundle(paths, snapshot: Path, mix: str) -> Path:
                 np.save(w.path(f"{name}.npy"), array)
                 w.add(name, component, "npy", str(array.dtype), [f"{name}.npy"])
             for p in sorted({"fp32", precision}):
-                files = graph_files(paths.graph(g, p))
+                files = graph_files(graphs[g] if p != "fp32" and g in graphs else paths.graph(g, p))
                 for f in files:
                     _link(f, w.path(f.name))
                 w.add(g, component, "onnx", p, [f.name for f in files], profiles=profiles,
@@ -370,11 +374,11 @@ def _child_turn(bundle: Path, onnx: str, row: str, clip_path: Path, steps: int, 
                                                    "synth_rtf", "stop", "providers")}}))
 
 
-def _run_child(paths, cell: Cell, clip_path: Path, steps: int, threads: int) -> Dict[str, Any]:
-    onnx, row = parse_mix(cell.variant.name)
+def _run_child(paths, cell: Cell, clip_path: Path, steps: int, threads: int, mix: str, bundle: Path) -> Dict[str, Any]:
+    onnx, row = parse_mix(mix)
     with tempfile.TemporaryDirectory(dir=paths.root / "cache") as tmp:
         out = Path(tmp) / "turn"
-        cmd = [sys.executable, "-m", __name__, str(bundle_dir(paths, cell.variant.name)), onnx, row, str(clip_path),
+        cmd = [sys.executable, "-m", __name__, str(bundle), onnx, row, str(clip_path),
                str(steps), str(threads), str(paths.root / "cache" / "runtime"), str(out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -387,8 +391,9 @@ def _run_child(paths, cell: Cell, clip_path: Path, steps: int, threads: int) -> 
     return info
 
 
-def e2e_cell(paths, cell: Cell) -> Dict[str, Any]:
-    """One end-to-end cell: metrics against the cached golden turn, and its cost (cost.py)."""
+def e2e_cell(paths, cell: Cell, mix: Optional[str] = None, bundle: Optional[Path] = None) -> Dict[str, Any]:
+    """One end-to-end cell: metrics against the cached golden turn, and its cost (cost.py). ``mix`` / ``bundle``:
+    the mix and the bundle to run when the cell's variant name is not the mix (onnx_blocks.py's one-block cells)."""
     from kimia_edge.quantization.study.cost import DEPLOYMENT_THREADS, turn_cost
     from kimia_edge.quantization.study.run import _load_pickle
 
@@ -399,9 +404,10 @@ def e2e_cell(paths, cell: Cell) -> Dict[str, Any]:
         other = {**ref, "wav": ref["wav_other_seed"]}
         return {"metrics": compare_turns(ref, other),
                 "cost": {"bytes": 0, "seconds": ref["seconds_total"], "torch_reference": True}}
-    got = _run_child(paths, cell, clip_path, steps, DEPLOYMENT_THREADS)
-    return {"metrics": compare_turns(ref, got),
-            "cost": turn_cost(got, bundle_dir(paths, cell.variant.name), *parse_mix(cell.variant.name))}
+    mix = mix or cell.variant.name
+    bundle = bundle or bundle_dir(paths, mix)
+    got = _run_child(paths, cell, clip_path, steps, DEPLOYMENT_THREADS, mix, bundle)
+    return {"metrics": compare_turns(ref, got), "cost": turn_cost(got, bundle, *parse_mix(mix))}
 
 
 if __name__ == "__main__":  # the child of one end-to-end cell (see _run_child)
