@@ -427,5 +427,8 @@ def plot_sections(report: Dict[str, Any], folder: Path, label: str = "") -> List
     for graph, rows in report.get("sensitivity_blocks", {}).items():
         written.append(plot_bars(rows, PRECISION, Path(folder) / f"sensitivity_{graph}.png",
                                  f"{graph} {label}".strip(), series=(("impact", "this block int8"),),
-                                 ylabel=rows[0]["metric"] if rows else ""))
+                                 ylabel=rows[0]["metric"] if rows else "",
+                                 e2e_series=(("e2e_audio_token_agreement", "1 − audio-token agreement", True),
+                                             ("e2e_wer", "WER", False), ("e2e_mrstft", "speech MR-STFT", False)),
+                                 e2e_ylabel="end to end"))
     return written

@@ -191,10 +191,13 @@ def ranking(out: Path, qtype: str) -> List[Dict[str, Any]]:
 
 def plot_bars(rows: Sequence[Dict[str, Any]], qtype: str, path: Path, label: str = "",
               series: Sequence[Tuple[str, str]] = (("text_mean_kld", "text head"), ("audio_mean_kld", "audio head")),
-              ylabel: str = "mean KLD (nats)") -> Path:
+              ylabel: str = "mean KLD (nats)",
+              e2e_series: Sequence[Tuple[str, str, bool]] = (
+                  ("e2e_audio_token_agreement", "1 − audio-token agreement", True), ("e2e_wer", "WER", False)),
+              e2e_ylabel: str = "end-to-end impact") -> Path:
     """Bars per group (in model order) of each ``series`` (row key, legend) for that group alone at ``qtype``; when
-    the rows carry end-to-end figures, a second panel below with the end-to-end impact (1 − audio-token agreement,
-    WER) of the same groups."""
+    the rows carry end-to-end figures, a second panel below stacking ``e2e_series`` (row key, legend, plot 1 − value)
+    of the same groups (default: the end-to-end impact, 1 − audio-token agreement + WER)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,14 +221,13 @@ def plot_bars(rows: Sequence[Dict[str, Any]], qtype: str, path: Path, label: str
     ax.legend(fontsize=8)
     if e2e:
         ax2 = axes[1][0]
-        parts = (("e2e_audio_token_agreement", "1 − audio-token agreement", lambda v: 1.0 - v),
-                 ("e2e_wer", "WER", lambda v: v))
         bottom = np.zeros(len(rows))
-        for key, legend, f in parts:
-            vals = np.array([f(r[key]) if r.get(key) is not None else 0.0 for r in rows])
+        for key, legend, one_minus in e2e_series:
+            vals = np.array([(1.0 - r[key] if one_minus else r[key]) if r.get(key) is not None else 0.0
+                             for r in rows])
             ax2.bar(x, vals, width=0.6, bottom=bottom, label=legend)
             bottom += vals
-        ax2.set(ylabel="end-to-end impact", ylim=(0, max(1.15 * float(bottom.max()), 0.05)))
+        ax2.set(ylabel=e2e_ylabel, ylim=(0, max(1.15 * float(bottom.max()), 0.05)))
         if not bottom.any():
             ax2.text(0.5, 0.5, "no group alone changes the turn", transform=ax2.transAxes, ha="center", fontsize=9)
         ax2.legend(fontsize=8)
