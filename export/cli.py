@@ -110,19 +110,20 @@ def _study(args: argparse.Namespace) -> int:
     missing = [o for o in ("snapshot", "audio", "out") if getattr(args, o) is None]
     if missing:
         raise ValueError(f"study: {', '.join('--' + m for m in missing)} required (or --replot REPORT)")
+    if args.budget:
+        from kimia_edge.quantization.study.budget import parse_budget
+
+        parse_budget(args.budget)  # a bad budget fails now, not after the study's cells
+    if args.budget_keep:
+        from kimia_edge.export.gguf_quantize import QUANT_TYPES
+
+        if not args.budget or (args.budget_keep != "F32" and args.budget_keep not in QUANT_TYPES):
+            raise ValueError(f"--budget-keep {args.budget_keep!r}: needs --budget and a llama.cpp type (e.g. Q8_0)")
     counts = run_study(args.snapshot, args.audio, args.out, variants=args.variants, jobs=args.jobs, steps=args.steps,
                        bundle=args.bundle, ray=args.ray, qdq_debug=args.qdq_debug)
     if args.budget or args.sensitivity:  # per-group sensitivity, then the budgeted mix (measured as a variant)
-        from kimia_edge.quantization.study.budget import parse_budget, study_sensitivity
+        from kimia_edge.quantization.study.budget import study_sensitivity
 
-        if args.budget:
-            parse_budget(args.budget)  # a bad budget fails now, not after the sensitivity cells
-        if args.budget_keep:
-            from kimia_edge.export.gguf_quantize import QUANT_TYPES
-
-            if not args.budget or (args.budget_keep != "F32" and args.budget_keep not in QUANT_TYPES):
-                raise ValueError(f"--budget-keep {args.budget_keep!r}: needs --budget and a llama.cpp type "
-                                 "(e.g. Q8_0)")
         rec = study_sensitivity(args.snapshot, args.audio, args.out, (args.sensitivity or "").split(","), args.budget,
                                 variants=args.variants, jobs=args.jobs, steps=args.steps, bundle=args.bundle,
                                 keep_type=args.budget_keep)

@@ -46,6 +46,17 @@ def test_parse_budget_and_spec():
         == "Q4_K_M+trunk.blk.0=F32+trunk.blk.2-3=Q8_0+audio.output=Q8_0"
 
 
+def test_cli_refuses_bad_budget_before_any_work(tmp_path, capsys):
+    from kimia_edge.cli import main
+
+    base = ["study", "--snapshot", str(tmp_path / "none"), "--audio", str(tmp_path), "--out", str(tmp_path / "o")]
+    for extra, why in ((["--budget", "wer<=0.1"], "unknown metric"), (["--budget-keep", "Q8_0"], "needs --budget"),
+                       (["--budget", "e2e_wer<=0.1", "--budget-keep", "Q9_Z"], "llama.cpp type")):
+        assert main([*base, *extra]) != 0
+        assert why in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before the study started (no snapshot there to study)
+
+
 @pytest.fixture(scope="module")
 def study(tiny_snapshot, tiny_bundle, shared_audio, tmp_path_factory):
     """(snapshot, audio folder, report folder, run_study keywords): the session bundle's fp32 graphs (no export)."""
