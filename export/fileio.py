@@ -2,6 +2,7 @@
 ``atomic_write`` (a reader never sees half a file) is the runtime's own, re-exported here."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,12 +10,12 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from kimia_edge.runtime.fileio import atomic_write
 
 __all__ = ["atomic_write", "staging_dir", "mark_staging", "finish_staging", "remove_stale_staging", "STAGING_MARKER",
-           "external_data_file", "graph_files"]
+           "external_data_file", "graph_files", "unshared_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +105,18 @@ def graph_files(graph: Path) -> List[Path]:
     """The graph and, if it has one, its external-data file."""
     data = external_data_file(graph)
     return [graph] + ([data] if data.exists() else [])
+
+
+@contextlib.contextmanager
+def unshared_graph(graph: Path) -> Iterator[Path]:
+    """``graph`` itself or, when one of its files has other hard links, a private copy of its files (in a temporary
+    folder beside it, removed on exit). onnx (>= 1.19) refuses to read external data through a hard-linked file
+    (a guard against hard-link attacks), and the study hard-links its cached graphs into the bundles it runs."""
+    files = graph_files(graph)
+    if all(f.stat().st_nlink == 1 for f in files):
+        yield graph
+        return
+    with tempfile.TemporaryDirectory(dir=graph.parent, prefix=".unshared-") as tmp:
+        for f in files:
+            shutil.copyfile(f, Path(tmp) / f.name)
+        yield Path(tmp) / graph.name

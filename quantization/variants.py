@@ -33,7 +33,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from kimia_edge.export.fileio import external_data_file
+from kimia_edge.export.fileio import external_data_file, unshared_graph
 from kimia_edge.runtime.spec.precisions import onnx_precision
 
 log = logging.getLogger(__name__)
@@ -149,4 +149,5 @@ def make_variant(precision: str, src: Path, dst: Path, calibration: Optional[Lis
     maker = globals().get(f"to_{onnx_precision(precision).name}")
     if maker is None:
         raise ValueError(f"no maker to_{precision}() in {__name__} (fp32 is the export itself)")
-    return maker(src, dst, calibration, signed_weights)
+    with unshared_graph(src) as readable:
+        return maker(readable, dst, calibration, signed_weights)

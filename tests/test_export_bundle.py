@@ -3,8 +3,10 @@ measured error, that verifies, and that the runtime refuses once altered."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kimia_edge.cli import main
@@ -105,3 +107,33 @@ def test_variants_of_an_external_data_graph_keep_external_data(tmp_path: Path, s
         assert max(inline, default=0) <= 1024 < files[1].stat().st_size, precision  # weights in the data file
         err = compare(spec, run_onnx(path, spec, x), run_torch(module, x))
         assert err.rel_l2 <= spec.variant_rel_l2[precision], (precision, err)
+
+
+def test_a_variant_is_made_from_a_graph_hard_linked_elsewhere(tmp_path: Path) -> None:
+    """onnx refuses to read external data through a file with other hard links; the study hard-links its cached
+    graphs into bundles, and a variant made from such a graph afterwards must still be made (from a private copy)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kimia_edge.export.fileio import graph_files, unshared_graph
+    from kimia_edge.quantization.variants import make_variant
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w])
+    src = tmp_path / "cache" / "g.fp32.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src),
+              save_as_external_data=True, location="g.fp32.onnx.data", size_threshold=0)
+    (tmp_path / "bundle").mkdir()
+    for f in graph_files(src):
+        os.link(f, tmp_path / "bundle" / f.name)
+    with pytest.raises(Exception, match="hard link|multiple"):
+        onnx.load(str(src))
+    dst = make_variant("fp16", src, tmp_path / "g.fp16.onnx")
+    half = onnx.load(str(dst))
+    assert [t.data_type for t in half.graph.initializer] == [TensorProto.FLOAT16]
+    with unshared_graph(src) as readable:
+        assert readable != src and onnx.load(str(readable)).graph.initializer[0].name == "w"
+    assert sorted(p.name for p in src.parent.iterdir()) == ["g.fp32.onnx", "g.fp32.onnx.data"]  # the copy is gone

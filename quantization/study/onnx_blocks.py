@@ -61,12 +61,14 @@ def quantize_block(src: Path, dst: Path, nodes: Sequence[str], signed_weights: b
     """``src`` with only ``nodes`` quantized as the ``int8_dynamic`` precision does (see variants.to_int8_dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from kimia_edge.export.fileio import external_data_file
+    from kimia_edge.export.fileio import external_data_file, unshared_graph
 
     weights = dict(weight_type=QuantType.QInt8, per_channel=True, reduce_range=True) if signed_weights \
         else dict(weight_type=QuantType.QUInt8)
-    quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(_QUANTIZED_OPS), nodes_to_quantize=list(nodes),
-                     use_external_data_format=external_data_file(src).exists(), **weights)
+    with unshared_graph(src) as readable:
+        quantize_dynamic(str(readable), str(dst), op_types_to_quantize=list(_QUANTIZED_OPS),
+                         nodes_to_quantize=list(nodes), use_external_data_format=external_data_file(src).exists(),
+                         **weights)
     return dst
 
 

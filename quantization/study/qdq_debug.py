@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from kimia_edge.export.fileio import unshared_graph
+
 __all__ = ["DEBUG_FEEDS", "WORST", "tensor_errors", "prepare_qdq_debug", "report_section", "markdown_section",
            "plot"]
 
@@ -72,8 +74,10 @@ def tensor_errors(float_model: Path, other_model: Path, feeds: Sequence[Dict[str
     from onnxruntime.quantization.qdq_loss_debug import (compute_activation_error, compute_weight_error,
                                                          create_activation_matching, create_weight_matching)
 
-    float_acts = _collect(Path(float_model), feeds, workdir)
-    other_acts = _collect(Path(other_model), feeds, workdir)
+    with unshared_graph(Path(float_model)) as readable:
+        float_acts = _collect(readable, feeds, workdir)
+    with unshared_graph(Path(other_model)) as readable:
+        other_acts = _collect(readable, feeds, workdir)
     match = create_activation_matching(other_acts, float_acts)
     if not match:
         match = {n: {"pre_qdq": a, "post_qdq": a, "float": float_acts[n]} for n, a in other_acts.items()
@@ -87,8 +91,8 @@ def tensor_errors(float_model: Path, other_model: Path, feeds: Sequence[Dict[str
                 for o in n.output}
     acts = {n: {**{k: float(v) for k, v in e.items()}, "op": producer.get(n, "input")}
             for n, e in compute_activation_error(match).items()}
-    weights = {n: float(v) for n, v in compute_weight_error(create_weight_matching(str(float_model),
-                                                                                   str(other_model))).items()}
+    with unshared_graph(Path(float_model)) as fm, unshared_graph(Path(other_model)) as om:
+        weights = {n: float(v) for n, v in compute_weight_error(create_weight_matching(str(fm), str(om))).items()}
     return {"activations": acts, "weights": weights}
 
 
