@@ -385,11 +385,12 @@ class LlamaModel:
     """One GGUF model + one context (sequence 0) fed with embeddings; owns its native resources (``close()``)."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_batch: int, n_threads: int, n_gpu_layers: int, exact: bool,
-                 capture: Optional[HiddenCapture] = None) -> None:
+                 capture: Optional[HiddenCapture] = None, repack: bool = True) -> None:
         _init_backend()
         self.path = Path(path)
         mp = llama.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = repack
         self._model = llama.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self._model:
             raise LlamaLoadError(f"{self.path}: llama.cpp cannot load the model (KIMIA_LLAMA_VERBOSE=1 shows why); "
@@ -477,13 +478,15 @@ class LlamaCppBackend:
     nor run and no eval callback is installed (audio logits are always None; ASR / audio QA). feature_scale: overrides the sqrt(2) stored in the file
     (the file holds the value in the snapshot dtype, bf16 1.4140625; an fp32 reference uses 1.4142135).
     eval_callback: the hand-off capture, "auto" (native C++ callback unless ``KIMIA_EVAL_CALLBACK=python``),
-    "native" or "python" (:func:`make_capture`).
+    "native" or "python" (:func:`make_capture`). repack: let llama.cpp copy the weights into its CPU layouts for
+    faster kernels (``use_extra_bufts``; Q4_K on AVX2: about a second copy of the file in private memory, a longer
+    load and a faster step); False computes on the memory-mapped file as it lies (docs/benchmarks.md, memory).
     """
 
     def __init__(self, trunk_path: Path, audio_path: Optional[Path] = None, adaptor_path: Optional[Path] = None, *,
                  n_ctx: int = 4096, n_batch: int = 512, n_threads: Optional[int] = None, n_gpu_layers: int = 0,
                  exact: bool = False, text_only: bool = False, feature_scale: Optional[float] = None,
-                 eval_callback: str = "auto") -> None:
+                 eval_callback: str = "auto", repack: bool = True) -> None:
         ggml = _init_backend()
         trunk_path = Path(trunk_path)
         reader = open_gguf(trunk_path)
@@ -498,7 +501,8 @@ class LlamaCppBackend:
         self.embed = EmbeddingTable(reader, str(trunk_path), self.info.hidden_size)
         self.adaptor = FeatureAdaptor(Path(adaptor_path), self.info.adaptor_eps) if adaptor_path is not None else None
         self._models: List[LlamaModel] = []
-        common = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact)
+        common = dict(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, n_gpu_layers=n_gpu_layers, exact=exact,
+                      repack=repack)
         try:
             self.capture = None if text_only else make_capture(ggml, f"l_out-{self.info.fork_layer}",
                                                                self.info.hidden_size, n_batch, eval_callback)

@@ -62,8 +62,9 @@ class PipelineOptions:
     the GPU (untested on GPU). ``streaming``: overrides of the bundle's streaming schedule, e.g.
     ``{"first_chunk_tokens": 10}``. ``text_only``: open neither the DiT, the vocoder nor the LLM's audio branch (asr,
     qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``). ``prepack``:
-    let ONNX Runtime repack the weights when a session opens (faster steady state, slower start; False starts in
-    seconds: see ``runtime/sessions.open_session``). ``n_ctx``: LLM context in positions (12.5 per second of speech,
+    let ONNX Runtime and llama.cpp repack the weights when they open (faster steady state, slower start, a private
+    copy of the weights; False starts in seconds and computes on the memory-mapped files: see
+    ``runtime/sessions.open_session`` and ``LlamaCppBackend``'s ``repack``). ``n_ctx``: LLM context in positions (12.5 per second of speech,
     history included; None: the backend's default, 4096), at most the model's context length; a conversation trims
     its oldest history to stay inside it. ``low_memory``: the audio encoders are opened for each turn's encoding and
     freed right after it, the DiT and vocoder are opened only when a turn answers with speech and freed when it ends
@@ -261,6 +262,7 @@ def components_from_bundle(bundle: Path, options: PipelineOptions = PipelineOpti
                               bundle / artifacts[LLM_AUDIO].path if LLM_AUDIO in artifacts else None,
                               bundle / adaptor.path if adaptor else None,
                               n_threads=options.threads, n_gpu_layers=options.n_gpu_layers, text_only=options.text_only,
+                              repack=options.prepack,
                               **({"n_ctx": options.n_ctx} if options.n_ctx else {}))
     check_bundle_agrees(manifest, artifacts, streaming, backend.info.token_offset, backend.info.vocab_size)
 

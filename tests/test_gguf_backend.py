@@ -405,3 +405,27 @@ def test_the_context_bounds_the_turn_and_a_prompt_it_cannot_hold_is_refused(tiny
         with pytest.raises(ContextFullError, match=rf"needs {len(prompt)} positions but the LLM context holds "
                                                    rf"{len(prompt) - 1}"):
             next(generate_steps(be, prompt, TOKENS, cfg.kimia_token_offset, gcfg))
+
+
+def test_repack_off_computes_on_the_mapped_file(tiny, tmp_path):
+    """``repack=False`` (``--fast-start``) keeps llama.cpp from copying the weights into its CPU layouts (on the
+    full-size Q4_K_M trunk about 3 GiB of private memory): no CPU_REPACK buffer, the same logits within rounding."""
+    from kimia_edge.export.gguf_quantize import TENSOR_TYPES, quantize_gguf
+
+    _, res, model = tiny
+    q4 = quantize_gguf(res.trunk, tmp_path / "trunk.q4_0.gguf", "Q8_0",
+                       tensor_types=[(r"blk\..*", TENSOR_TYPES["Q4_0"])])
+    x = np.random.default_rng(0).standard_normal((6, model.config.hidden_size)).astype(np.float32)
+    logits, buffers = {}, {}
+    for repack in (True, False):
+        with llm_llamacpp.llama_log_capture() as log:
+            m = llm_llamacpp.LlamaModel(q4, n_ctx=64, n_batch=8, n_threads=1, n_gpu_layers=0, exact=True,
+                                        repack=repack)
+        try:
+            logits[repack] = m.decode(x, 0, want_logits=True)
+        finally:
+            m.close()
+        buffers[repack] = [line for line in "".join(log).splitlines() if "model buffer size" in line]
+    assert any("REPACK" in b for b in buffers[True]), buffers[True]  # this CPU repacks Q4_0 (else the test says nothing)
+    assert not any("REPACK" in b for b in buffers[False]), buffers[False]
+    np.testing.assert_allclose(logits[False], logits[True], atol=1e-3, rtol=1e-3)
