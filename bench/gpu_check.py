@@ -10,7 +10,9 @@ Reference: one spoken turn (a synthetic speech-like question) on the CPU with ev
 precision (rows of the table):
 
 - ``ort-cuda`` / ``ort-tensorrt``: each runtime graph opened by the session factory on ONNX Runtime's CUDA /
-  TensorRT EP (strict) and run on the recorded feeds: ms per call, max abs and rel L2 against the CPU fp32 outputs;
+  TensorRT EP (strict) and run on the recorded feeds: ms per call, max abs and rel L2 against the CPU fp32 outputs
+  (the TensorRT EP's session lists TensorRT, CUDA, CPU: nodes TensorRT cannot take may run on CUDA, never a
+  compute node on the CPU);
 - ``trt-engine``: ``kimia-edge engines build``, then the same on our TensorRT engine runner;
 - ``llama-gpu``: the LLM (trunk + audio branch) with every layer offloaded, on a fixed prompt and steps under the
   exact settings (flash attention off, F32 KV): ms per step, error of both heads' logits against the CPU;
@@ -126,7 +128,9 @@ def check_placement(path: str, session_providers: Sequence[str], placement: Mapp
             ops = ", ".join(f"{op} x{n}" for op, n in sorted(on_cpu.items()))
             raise SilentFallback(f"{path}: silent CPU fallback: compute nodes ran on {CPU_EP} ({ops})")
     total = sum(sum(c.values()) for c in placement.values())
-    return f"{expected} {sum(placement[expected].values())}/{total} nodes"
+    # the TensorRT EP's session also lists CUDA: the nodes TensorRT cannot take run there, and the summary says so
+    others = ", ".join(f"{p} {sum(c.values())}" for p, c in placement.items() if p not in (expected, CPU_EP))
+    return f"{expected} {sum(placement[expected].values())}/{total} nodes" + (f" ({others})" if others else "")
 
 
 def offloaded_layers(log_text: str) -> List[Tuple[int, int]]:

@@ -44,7 +44,10 @@ def plan_providers(device: str, ort_available: Sequence[str], engine_runnable: b
 
     ``ort_available``: ``onnxruntime.get_available_providers()``. ``engine_runnable``: an engine for the artifact,
     this TensorRT version and this GPU is in the cache (``find_engine``) and tensorrt + cuda-python import.
-    Raises ProviderUnavailable if an explicitly requested device cannot be had.
+    Raises ProviderUnavailable if an explicitly requested device cannot be had. With ONNX Runtime's TensorRT EP the
+    list is TensorRT, CUDA, CPU (ONNX Runtime's documented order: TensorRT takes the subgraphs it supports, CUDA the
+    rest); ``open_session`` still holds the session to its first provider, so getting CUDA or the CPU first for
+    ``device="tensorrt"`` is a logged fallback (an error with ``strict``).
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
@@ -52,7 +55,9 @@ def plan_providers(device: str, ort_available: Sequence[str], engine_runnable: b
     if device == "cpu":
         return [CPU_EP]
     if device == "tensorrt":
-        plan = ([TRT_ENGINE] if engine_runnable else []) + ([TRT_EP] if TRT_EP in ort_available else [])
+        # ONNX Runtime's documented TensorRT setup: the nodes TensorRT cannot take run on CUDA, not on the CPU
+        ort_plan = [TRT_EP] + ([CUDA_EP] if CUDA_EP in ort_available else []) + [CPU_EP]
+        plan = ([TRT_ENGINE] if engine_runnable else []) + (ort_plan if TRT_EP in ort_available else [])
         if not plan:
             raise ProviderUnavailable("device 'tensorrt' asked for, but neither a runnable engine nor ONNX Runtime's "
                                       "TensorRT EP is available (install onnxruntime-gpu and TensorRT)")

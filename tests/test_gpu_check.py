@@ -15,8 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from kimia_edge.runtime.sessions import CPU_EP, CUDA_EP, TRT_EP
+
 REPO = Path(__file__).resolve().parents[1]
-CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +122,19 @@ def test_compute_nodes_left_on_the_cpu_fail_shape_glue_does_not(gpu_check) -> No
         gpu_check.check_placement("ort-cuda", providers, {CPU_EP: Counter({"Add": 1})}, CUDA_EP)
     with pytest.raises(gpu_check.CheckFailed, match="lists no node"):
         gpu_check.check_placement("ort-cuda", providers, {}, CUDA_EP)
+
+
+def test_tensorrt_nodes_left_to_cuda_pass_and_are_named_the_cpu_still_fails(gpu_check) -> None:
+    """The TensorRT EP's session lists TensorRT, CUDA, CPU (runtime/sessions.plan_providers): nodes TensorRT cannot
+    take run on CUDA, which is no CPU fallback; a compute node on the CPU still is."""
+    providers = [TRT_EP, CUDA_EP, CPU_EP]
+    ok = {TRT_EP: Counter({"TRTKernel_graph_0": 2}), CUDA_EP: Counter({"Softmax": 1}), CPU_EP: Counter({"Shape": 1})}
+    assert gpu_check.check_placement("ort-tensorrt", providers, ok, TRT_EP) == f"{TRT_EP} 2/4 nodes ({CUDA_EP} 1)"
+    bad = {TRT_EP: Counter({"TRTKernel_graph_0": 1}), CUDA_EP: Counter({"Softmax": 1}), CPU_EP: Counter({"MatMul": 1})}
+    with pytest.raises(gpu_check.SilentFallback, match=r"compute nodes ran on CPUExecutionProvider \(MatMul x1\)"):
+        gpu_check.check_placement("ort-tensorrt", providers, bad, TRT_EP)
+    with pytest.raises(gpu_check.SilentFallback, match="asked for TensorrtExecutionProvider"):  # CUDA got it all
+        gpu_check.check_placement("ort-tensorrt", [CUDA_EP, CPU_EP], {CUDA_EP: Counter({"MatMul": 1})}, TRT_EP)
 
 
 def test_llama_offload_is_read_from_its_log_and_partial_offload_fails(gpu_check) -> None:

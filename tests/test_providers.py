@@ -28,6 +28,17 @@ def test_auto_prefers_engine_then_trt_ep_then_cuda_then_cpu() -> None:
     assert plan_providers("cpu", GPU_ORT, engine_runnable=True) == [CPU_EP]
 
 
+def test_tensorrt_lists_cuda_between_tensorrt_and_the_cpu() -> None:
+    """ONNX Runtime's documented TensorRT setup: what TensorRT cannot take runs on CUDA, not on the CPU."""
+    assert plan_providers("tensorrt", GPU_ORT, engine_runnable=False) == [TRT_EP, CUDA_EP, CPU_EP]
+    assert plan_providers("tensorrt", GPU_ORT, engine_runnable=True) == [TRT_ENGINE, TRT_EP, CUDA_EP, CPU_EP]
+    # an ONNX Runtime build with the TensorRT EP but without CUDA's: nothing is invented
+    assert plan_providers("tensorrt", [TRT_EP, CPU_EP], engine_runnable=False) == [TRT_EP, CPU_EP]
+    # only our engine: nothing after it honours 'tensorrt', so no CUDA or CPU to fall to
+    assert plan_providers("tensorrt", [CUDA_EP, CPU_EP], engine_runnable=True) == [TRT_ENGINE]
+    assert plan_providers("cuda", GPU_ORT, engine_runnable=True) == [CUDA_EP]
+
+
 def test_explicit_gpu_device_on_a_cpu_machine_is_an_error_not_a_fallback() -> None:
     with pytest.raises(ProviderUnavailable, match="onnxruntime-gpu"):
         plan_providers("cuda", CPU_ORT, engine_runnable=False)
