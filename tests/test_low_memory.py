@@ -1,6 +1,7 @@
 """Low-memory mode (``PipelineOptions(low_memory=True)``, ``--low-memory``): the audio encoders are opened for each
 turn's encoding and freed after it, the DiT and vocoder are opened only for a spoken answer and freed after the
-turn — and every turn's text and speech equal the default mode's."""
+turn, each release handing the freed heap back (glibc ``malloc_trim``) — and every turn's text and speech equal the
+default mode's."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,7 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
+from kimia_edge.runtime import heap
 from kimia_edge.runtime.frontend import load_audio
 from kimia_edge.runtime.pipeline import Pipeline, PipelineOptions
 from kimia_edge.runtime.tasks import generation_config
@@ -67,6 +69,25 @@ def test_low_memory_frees_the_sessions_after_the_turn(low_pipe: Pipeline, shared
     gc.collect()
     assert [r() for r in sessions] == [None] * 4, "an ONNX Runtime session outlived the turn"
     assert low_pipe.c.providers["dit_step"].startswith("CPUExecutionProvider")  # still reported
+
+
+def test_each_release_trims_the_heap(tiny_bundle: Path, shared_audio: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One trim per release: the encoders after encoding, the DiT and vocoder after the turn."""
+    calls: List[int] = []
+    monkeypatch.setattr(heap, "trim_heap", lambda: not calls.append(1))
+    pipe = Pipeline.from_bundle(tiny_bundle, PipelineOptions(threads=1, low_memory=True, prepack=False))
+    samples, sr = load_audio(shared_audio / "qa_example.wav")
+    result = pipe.run(samples, sr, "chat", config=generation_config("chat", 3, step_limit=STEPS), seed=3)
+    assert result.wav.size > 0 and len(calls) == 2
+
+
+def test_the_default_mode_never_trims(default_pipe: Pipeline, shared_audio: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[int] = []
+    monkeypatch.setattr(heap, "trim_heap", lambda: bool(calls.append(1)))
+    samples, sr = load_audio(shared_audio / "qa_example.wav")
+    default_pipe.run(samples, sr, "chat", config=generation_config("chat", 3, step_limit=10), seed=3)
+    assert calls == []
 
 
 def test_low_memory_text_task_never_opens_the_dit(tiny_bundle: Path, shared_audio: Path) -> None:
