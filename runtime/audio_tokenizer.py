@@ -29,6 +29,7 @@ runs the exported adaptor graph instead, for backends that take adapted embeddin
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -197,6 +198,18 @@ class AudioTokenizer:
     __call__ = encode
 
 
+def _weak_method(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` as a callable that does not keep its object alive. An object that stores its own bound methods is
+    a reference cycle: freed only by the garbage collector, whenever that runs, instead of when its last user lets
+    go (low-memory mode's encoder sessions outlived the turn's encoding and stood beside the DiT's)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> Any:
+        return ref()(*args)  # type: ignore[misc]  # the object is alive while it runs its own encode
+
+    return call
+
+
 class OnnxAudioTokenizer(AudioTokenizer):
     """``AudioTokenizer`` over the two encoder sessions and the codebook.
 
@@ -216,7 +229,8 @@ class OnnxAudioTokenizer(AudioTokenizer):
             vq_config = VQEncoderConfig.from_dict(vq_config, vq_config.get("features"))
         if isinstance(whisper_config, Mapping):
             whisper_config = WhisperEncoderConfig.from_dict(whisper_config)
-        super().__init__(self._graph_ids, self._graph_hidden, vq_config, whisper_config)
+        # weak: the sessions are freed as soon as the tokenizer is dropped, with no reference cycle to wait on
+        super().__init__(_weak_method(self._graph_ids), _weak_method(self._graph_hidden), vq_config, whisper_config)
         codebook = np.ascontiguousarray(codebook, dtype=np.float32)
         if codebook.shape != (vq_config.quantize_vocab_size, vq_config.d_model):
             raise ValueError(f"codebook: expected shape {(vq_config.quantize_vocab_size, vq_config.d_model)} "

@@ -8,14 +8,15 @@ import argparse
 import gc
 import weakref
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import pytest
 
-from kimia_edge.runtime import heap
+from kimia_edge.runtime import heap, sessions
 from kimia_edge.runtime.frontend import load_audio
 from kimia_edge.runtime.pipeline import Pipeline, PipelineOptions
+from kimia_edge.runtime.spec.graphs import RUNTIME_GRAPHS
 from kimia_edge.runtime.tasks import generation_config
 
 STEPS = 50  # LLM steps per turn: speech output in two detokenizer chunks on the tiny bundle
@@ -71,14 +72,37 @@ def test_low_memory_frees_the_sessions_after_the_turn(low_pipe: Pipeline, shared
     assert low_pipe.c.providers["dit_step"].startswith("CPUExecutionProvider")  # still reported
 
 
-def test_each_release_trims_the_heap(tiny_bundle: Path, shared_audio: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One trim per release: the encoders after encoding, the DiT and vocoder after the turn."""
-    calls: List[int] = []
-    monkeypatch.setattr(heap, "trim_heap", lambda: not calls.append(1))
+def test_each_release_frees_its_sessions_then_trims_the_heap(tiny_bundle: Path, shared_audio: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the garbage collector off: the sessions must be gone by reference counting when the heap is trimmed
+    (the audio tokenizer once held its own bound methods, a cycle that kept the encoders beside the DiT until a
+    collection), and there is one trim per release: the encoders after encoding, the DiT and vocoder after the turn."""
+    opened: Dict[str, weakref.ref] = {}
+    open_session = sessions.open_session
+
+    def recording(*args: Any, **kwargs: Any) -> sessions.Session:
+        session = open_session(*args, **kwargs)
+        opened[session.name] = weakref.ref(session.impl)
+        return session
+
+    alive_at_trim: List[List[str]] = []
+
+    def trim() -> bool:
+        alive_at_trim.append(sorted(name for name, ref in opened.items() if ref() is not None))
+        return True
+
+    monkeypatch.setattr(sessions, "open_session", recording)
+    monkeypatch.setattr(heap, "trim_heap", trim)
     pipe = Pipeline.from_bundle(tiny_bundle, PipelineOptions(threads=1, low_memory=True, prepack=False))
     samples, sr = load_audio(shared_audio / "qa_example.wav")
-    result = pipe.run(samples, sr, "chat", config=generation_config("chat", 3, step_limit=STEPS), seed=3)
-    assert result.wav.size > 0 and len(calls) == 2
+    gc.collect()
+    gc.disable()
+    try:
+        result = pipe.run(samples, sr, "chat", config=generation_config("chat", 3, step_limit=STEPS), seed=3)
+    finally:
+        gc.enable()
+    assert result.wav.size > 0 and sorted(opened) == sorted(RUNTIME_GRAPHS)
+    assert alive_at_trim == [[], []], "a released session was still alive when the heap was trimmed"
 
 
 def test_the_default_mode_never_trims(default_pipe: Pipeline, shared_audio: Path,
