@@ -9,6 +9,7 @@ the given length (speech clips of ``--audio`` concatenated and cut). It reports:
   used in place) and ``RssAnon`` (private memory: copies of weights, buffers, activations);
 - ``peak``: the process's peak RSS over open + turn (``VmHWM`` of /proc/self/status, and ``ru_maxrss``), and the
   peaks of ``RssAnon`` / ``RssFile`` sampled every 10 ms;
+- ``after turn``: RSS once the turn is over (what the process holds between turns), file + anon;
 - ``opened``: the bytes of the artifacts the options open (from the manifest: ``pipeline.choose_artifacts``) and
   ``peak / opened`` (the target at full size is <= 1.15: memory maps, no copies of weights).
 
@@ -16,8 +17,12 @@ Modes: ``default`` (``chat``), ``fast-start`` (``--fast-start``: no ONNX Runtime
 ``low-memory`` (``--low-memory``), ``low-memory+fast-start``, ``text-only`` (what ``transcribe`` opens; the asr
 task). Rows are interleaved (clip, mode) within a round.
 
+``--malloc-trim off`` (or ``both``: each row with and without, interleaved) replaces the runtime's
+``heap.trim_heap`` — glibc's ``malloc_trim(0)`` after low-memory mode releases its sessions — by a no-op in the
+row's process: the A/B of handing the freed heap back. Rows record how many trims ran and their time.
+
     python bench/memory.py --bundle DIR [--bundle DIR2] [--clips 5 30 90] [--modes default fast-start ...]
-        [--max-steps 60] [--repeats 1] [--json out.json] [--png memory.png]
+        [--max-steps 60] [--repeats 1] [--malloc-trim on|off|both] [--json out.json] [--png memory.png]
     python bench/memory.py --bundle DIR --session-layouts DIR/whisper_encoder.fp32.onnx DIR/dit_step.fp32.onnx
 
 The second form measures where ONNX Runtime copies weights: one session per fresh process, the graph's weights
@@ -88,8 +93,29 @@ class _PeakSampler(threading.Thread):
         return self.peaks
 
 
-def child(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[str]) -> Dict[str, object]:
-    """One row, in this (fresh) process."""
+def _count_trims(enabled: bool) -> Dict[str, float]:
+    """Wraps ``heap.trim_heap`` (what low-memory mode calls after a release) to count its calls and time; with
+    ``enabled`` False the wrapper trims nothing (the A/B's "off" side). Returns the live counters."""
+    from kimia_edge.runtime import heap
+
+    counters = {"calls": 0, "released": 0, "seconds": 0.0}
+    original = heap.trim_heap
+
+    def counted() -> bool:
+        start = time.perf_counter()
+        released = original() if enabled else False
+        counters["calls"] += 1
+        counters["released"] += int(released)
+        counters["seconds"] += time.perf_counter() - start
+        return released
+
+    heap.trim_heap = counted  # type: ignore[assignment]
+    return counters
+
+
+def child(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[str],
+          malloc_trim: bool = True) -> Dict[str, object]:
+    """One row, in this (fresh) process; ``malloc_trim`` False: the runtime's heap trim is a no-op here."""
     from kimia_edge.runtime.metrics import proc_status
 
     base = proc_status()
@@ -107,6 +133,7 @@ def child(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[s
     register(parser.add_subparsers())  # the run-time verbs as kimia-edge has them, without the torch-side ones
     options = options_from_args(parser.parse_args(argv), text_only=text_only)
     imported = proc_status()
+    trims = _count_trims(malloc_trim)
     t0 = time.perf_counter()
     pipe = Pipeline.from_bundle(bundle, options)
     opened_s = time.perf_counter() - t0
@@ -123,11 +150,13 @@ def child(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[s
         "bundle": str(bundle), "mode": mode, "clip_s": len(samples) / rate, "opened_bytes": opened,
         "base_rss": base["VmRSS"], "imported_rss": imported["VmRSS"],
         "open_rss": after_open["VmRSS"], "open_anon": after_open["RssAnon"], "open_file": after_open["RssFile"],
-        "end_rss": end["VmRSS"], "peak_hwm": end["VmHWM"],
+        "end_rss": end["VmRSS"], "end_anon": end["RssAnon"], "end_file": end["RssFile"], "peak_hwm": end["VmHWM"],
         "peak_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"],
         "open_s": opened_s, "turn_s": turn_s, "llm_steps": result.metrics.llm_steps,
         "output_audio_s": result.metrics.output_audio_s, "torch_imported": "torch" in sys.modules,
+        "malloc_trim": malloc_trim, "trim_calls": trims["calls"], "trim_released": trims["released"],
+        "trim_s": trims["seconds"],
     }
 
 
@@ -171,28 +200,42 @@ def session_layouts(graphs: Sequence[Path], work: Path) -> str:
     return "\n".join(lines)
 
 
-def run_row(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[str], cache: Path) -> Dict:
+def run_row(bundle: Path, mode: str, clip: Path, max_steps: int, extra: Sequence[str], cache: Path,
+            malloc_trim: bool = True) -> Dict:
     """``child`` in a fresh process (stamps in ``cache``, so no row pays a hash)."""
     env = dict(os.environ, KIMIA_EDGE_CACHE=str(cache))
-    cmd = [sys.executable, __file__, "--child", json.dumps([str(bundle), mode, str(clip), max_steps, list(extra)])]
+    cmd = [sys.executable, __file__, "--child",
+           json.dumps([str(bundle), mode, str(clip), max_steps, list(extra), malloc_trim])]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"row {mode} / {clip.name} on {bundle} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def mode_label(row: Dict) -> str:
+    """The row's mode, with ``no malloc_trim`` when the A/B turned the runtime's heap trim off."""
+    return row["mode"] + ("" if row.get("malloc_trim", True) else ", no malloc_trim")
+
+
 def table(rows: Sequence[Dict]) -> str:
-    """Markdown: one line per (bundle, clip, mode); MiB; ratio = peak (VmHWM) / bytes opened."""
-    head = ("| bundle | clip | mode | opened | base | after open (file + anon) | peak VmHWM | peak anon | peak file "
-            "| peak / opened | (peak - base) / opened | LLM steps |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """Markdown: one line per (bundle, clip, mode); MiB; ratio = peak (VmHWM) / bytes opened. *after turn*: RSS
+    once the turn is over (what is held between turns); trims: calls of the heap trim and their time."""
+    head = ("| bundle | clip | mode | opened | base | after open (file + anon) | after turn (file + anon) | peak VmHWM "
+            "| peak anon | peak file | peak / opened | (peak - base) / opened | LLM steps | trims (ms) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
-        m = {k: r[k] / MIB for k in r if isinstance(r[k], int) and k != "llm_steps"}
+        m = {k: r[k] / MIB for k in r if isinstance(r[k], int) and not isinstance(r[k], bool)
+             and k not in ("llm_steps", "trim_calls", "trim_released")}
+        after = (f"{m['end_rss']:.0f} ({m['end_file']:.0f} + {m['end_anon']:.0f})" if "end_anon" in m
+                 else f"{m['end_rss']:.0f}")
+        trims = f"{r['trim_calls']} ({1e3 * r['trim_s']:.0f})" if "trim_calls" in r else "-"
         lines.append(
-            f"| {Path(r['bundle']).name} | {r['clip_s']:.0f} s | {r['mode']} | {m['opened_bytes']:.0f} | "
-            f"{m['base_rss']:.0f} | {m['open_rss']:.0f} ({m['open_file']:.0f} + {m['open_anon']:.0f}) | "
+            f"| {Path(r['bundle']).name} | {r['clip_s']:.0f} s | {mode_label(r)} | {m['opened_bytes']:.0f} | "
+            f"{m['base_rss']:.0f} | {m['open_rss']:.0f} ({m['open_file']:.0f} + {m['open_anon']:.0f}) | {after} | "
             f"{m['peak_hwm']:.0f} | {m['peak_anon']:.0f} | {m['peak_file']:.0f} | "
-            f"{r['peak_hwm'] / r['opened_bytes']:.2f} | {(r['peak_hwm'] - r['base_rss']) / r['opened_bytes']:.2f} | {r['llm_steps']} |")
+            f"{r['peak_hwm'] / r['opened_bytes']:.2f} | {(r['peak_hwm'] - r['base_rss']) / r['opened_bytes']:.2f} | "
+            f"{r['llm_steps']} | {trims} |")
     return "\n".join(lines)
 
 
@@ -204,14 +247,14 @@ def plot(rows: Sequence[Dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     bundles = list(dict.fromkeys(r["bundle"] for r in rows))
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    modes = list(dict.fromkeys(mode_label(r) for r in rows))
     clips = sorted({round(r["clip_s"]) for r in rows})
     fig, axes = plt.subplots(1, len(bundles), figsize=(6.5 * len(bundles), 4.5), squeeze=False)
     width = 0.8 / len(modes)
     for ax, bundle in zip(axes[0], bundles):
         for i, mode in enumerate(modes):
             for j, clip in enumerate(clips):
-                got = [r for r in rows if r["bundle"] == bundle and r["mode"] == mode and round(r["clip_s"]) == clip]
+                got = [r for r in rows if r["bundle"] == bundle and mode_label(r) == mode and round(r["clip_s"]) == clip]
                 if not got:
                     continue
                 r = got[0]
@@ -249,6 +292,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=60, help="LLM steps per turn")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--malloc-trim", choices=("on", "off", "both"), default="on",
+                        help="the runtime's malloc_trim after a low-memory release: as shipped (on), replaced by a "
+                             "no-op in the row's process (off), or each row both ways, interleaved (both)")
     parser.add_argument("--extra", default="", help="more chat flags for every row, e.g. '--llm-precision Q4_K_M'")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--png", type=Path)
@@ -279,13 +325,14 @@ def main() -> None:
     extra = ["--threads", str(args.threads), *args.extra.split()]
     for bundle in args.bundle:  # writes the verification stamps: no row pays a full hash
         run_row(bundle, "text-only", clips[0], 1, extra, work / "cache")
-    cells = [(b, c, m) for b in args.bundle for c in clips for m in args.modes]
+    trims = {"on": [True], "off": [False], "both": [True, False]}[args.malloc_trim]
+    cells = [(b, c, m, t) for b in args.bundle for c in clips for m in args.modes for t in trims]
     rows: Dict[tuple, Dict] = {}
     with tqdm(total=len(cells) * args.repeats, desc="memory", unit="row") as bar:
         for _ in range(args.repeats):
-            for bundle, clip, mode in cells:
-                row = run_row(bundle, mode, clip, args.max_steps, extra, work / "cache")
-                key = (str(bundle), str(clip), mode)
+            for bundle, clip, mode, trim in cells:
+                row = run_row(bundle, mode, clip, args.max_steps, extra, work / "cache", trim)
+                key = (str(bundle), str(clip), mode, trim)
                 if key not in rows or row["peak_hwm"] > rows[key]["peak_hwm"]:  # the worst round: a peak is a bound
                     rows[key] = row
                 bar.update()
@@ -303,7 +350,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--session-child":
         print(json.dumps(session_child(*(lambda g, p: (Path(g), p))(*json.loads(sys.argv[2])))))
     elif len(sys.argv) > 2 and sys.argv[1] == "--child":
-        b, m, c, steps, more = json.loads(sys.argv[2])
-        print(json.dumps(child(Path(b), m, Path(c), steps, more)))
+        b, m, c, steps, more, trim = json.loads(sys.argv[2])
+        print(json.dumps(child(Path(b), m, Path(c), steps, more, trim)))
     else:
         main()

@@ -38,3 +38,15 @@ def test_text_only_row_counts_what_it_opened(bench, tiny_bundle: Path, shared_au
     assert row["mode"] == "text-only" and round(row["clip_s"]) == 5 and row["llm_steps"] <= 3
     assert 0 < row["base_rss"] <= row["open_rss"] <= row["peak_hwm"] and row["peak_anon"] > 0
     assert row["torch_imported"] is False  # the runtime path stays torch-free
+
+
+def test_malloc_trim_off_makes_the_runtime_trim_a_no_op_in_the_row(bench, tiny_bundle: Path, shared_audio: Path,
+                                                                   tmp_path: Path) -> None:
+    """The A/B's "off" side: low-memory mode still calls the trim after each release (encoders, then DiT and
+    vocoder), and nothing is trimmed; the table says which side a row is."""
+    clip = bench.make_clip(shared_audio, 5, tmp_path / "clip.wav")
+    row = bench.run_row(tiny_bundle, "low-memory", clip, 10, ["--threads", "1", "--fast-start"], tmp_path / "cache",
+                        malloc_trim=False)
+    assert row["malloc_trim"] is False and row["trim_calls"] == 2 and row["trim_released"] == 0
+    assert 0 < row["end_anon"] <= row["end_rss"] <= row["peak_hwm"]
+    assert "| low-memory, no malloc_trim |" in bench.table([row])
