@@ -12,18 +12,29 @@ import ctypes.util
 import functools
 import logging
 import time
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 log = logging.getLogger(__name__)
+
+
+def _libc_names() -> Iterator[Optional[str]]:
+    """The process's own symbols first; libc by name only if those lack it (find_library may run ldconfig)."""
+    yield None
+    try:
+        name = ctypes.util.find_library("c")
+    except Exception:  # noqa: BLE001 - it shells out to ldconfig / gcc on some systems
+        return
+    if name:
+        yield name
 
 
 @functools.lru_cache(maxsize=1)
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     """glibc's ``malloc_trim`` of this process, or None where the C library has none."""
-    for name in (None, ctypes.util.find_library("c")):  # the process's own symbols first, then libc by name
+    for name in _libc_names():
         try:
             libc = ctypes.CDLL(name)
-        except (OSError, TypeError):  # TypeError: CDLL(None) on Windows; find_library may give None there too
+        except (OSError, TypeError):  # TypeError: CDLL(None) on Windows
             continue
         fn = getattr(libc, "malloc_trim", None)  # a missing symbol is an AttributeError: None here
         if fn is not None:
