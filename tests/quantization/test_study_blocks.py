@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import onnx
 
 
-def test_dit_blocks_one_at_a_time(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
+def test_dit_blocks_one_at_a_time(tiny_snapshot, tiny_bundle, one_clip_audio, tmp_path):
     from kimia_edge.quantization.study.onnx_blocks import graph_blocks, measure_blocks, quantize_block
     from kimia_edge.quantization.study.report import write_report
     from kimia_edge.quantization.study.run import StudyPaths, run_study
 
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     out = tmp_path / "report"
     # the end-to-end floor brings the golden turns the blocks' end-to-end cells compare against
     run_study(tiny_snapshot, audio, out, variants="dit_step=int8_dynamic,e2e:fp32@F32", bundle=tiny_bundle,

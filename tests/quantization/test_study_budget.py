@@ -5,7 +5,6 @@ such; the budget syntax names what is wrong."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -58,12 +57,10 @@ def test_cli_refuses_bad_budget_before_any_work(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def study(tiny_snapshot, tiny_bundle, shared_audio, tmp_path_factory):
+def study(tiny_snapshot, tiny_bundle, one_clip_audio, tmp_path_factory):
     """(snapshot, audio folder, report folder, run_study keywords): the session bundle's fp32 graphs (no export)."""
     tmp = tmp_path_factory.mktemp("budget")
-    audio = tmp / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     return tiny_snapshot, audio, tmp / "report", dict(steps=8, progress=False, bundle=tiny_bundle)
 
 

@@ -56,7 +56,7 @@ def _metrics(out: Path) -> dict:
     return {p.name: json.loads(p.read_text())["metrics"] for p in sorted((out / "cells").glob("*.json"))}
 
 
-def test_tiny_end_to_end_cells_serial_and_on_ray(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
+def test_tiny_end_to_end_cells_serial_and_on_ray(tiny_snapshot, tiny_bundle, one_clip_audio, tmp_path):
     """One mix on one clip, 12 greedy steps: the mix, its two floors, the cost, the report; then the same cells on a
     local Ray instance (2 CPUs) give the same numbers."""
     pytest.importorskip("ray", reason="--ray needs Ray (the test and study extras install it)")
@@ -65,9 +65,7 @@ def test_tiny_end_to_end_cells_serial_and_on_ray(tiny_snapshot, tiny_bundle, sha
     from kimia_edge.quantization.study.run import StudyPaths, run_study
     from kimia_edge.runtime.bundle import load_bundle
 
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     out = tmp_path / "report"
     kw = dict(variants=f"e2e:{MIX}", steps=12, bundle=tiny_bundle, progress=False)
     assert run_study(tiny_snapshot, audio, out, **kw) == {"cells": 3, "computed": 3, "reused": 0}

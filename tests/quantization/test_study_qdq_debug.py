@@ -16,13 +16,11 @@ VARIANTS = f"adaptor={INT8_QDQ}"
 
 
 @pytest.fixture(scope="module")
-def debugged(tiny_snapshot, tiny_bundle, shared_audio, tmp_path_factory):
+def debugged(tiny_snapshot, tiny_bundle, one_clip_audio, tmp_path_factory):
     from kimia_edge.quantization.study.run import run_study
 
     root = tmp_path_factory.mktemp("qdq_debug")
-    audio = root / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     out = root / "report"
     kw = dict(variants=VARIANTS, steps=8, bundle=tiny_bundle, progress=False, qdq_debug=True)
     counts = run_study(tiny_snapshot, audio, out, **kw)

@@ -37,13 +37,11 @@ def _metrics(out: Path) -> dict:
     return {p.name: json.loads(p.read_text())["metrics"] for p in sorted((out / "cells").glob("*.json"))}
 
 
-def test_tiny_study_resumes_and_pools(tiny_snapshot, tiny_bundle, shared_audio, tmp_path):
+def test_tiny_study_resumes_and_pools(tiny_snapshot, tiny_bundle, one_clip_audio, tmp_path):
     from kimia_edge.quantization.study.report import replot, write_report
     from kimia_edge.quantization.study.run import run_study
 
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     out = tmp_path / "report"
     kw = dict(variants=VARIANTS, steps=8, bundle=tiny_bundle, progress=False)
 
@@ -116,7 +114,7 @@ MAKER_LIMIT_MIB = 400  # tiny snapshot: the Whisper encoder's MinMax calibration
 # less (measured: the former fails with std::bad_alloc up to 800 MiB of address space, the latter runs in 200)
 
 
-def test_a_maker_that_runs_out_of_memory_is_not_measured_and_retried(tiny_snapshot, tiny_bundle, shared_audio,
+def test_a_maker_that_runs_out_of_memory_is_not_measured_and_retried(tiny_snapshot, tiny_bundle, one_clip_audio,
                                                                      tmp_path, monkeypatch):
     """A real failure: the maker children run under an address-space limit (RLIMIT_AS) that the Whisper encoder's
     static calibration exceeds. Its variant is reported not measured with the reason, the adaptor's int8_dynamic
@@ -126,9 +124,7 @@ def test_a_maker_that_runs_out_of_memory_is_not_measured_and_retried(tiny_snapsh
     from kimia_edge.quantization.study.run import MAKER_MEMORY_ENV, run_study
     from kimia_edge.runtime.spec.precisions import INT8_DYNAMIC, INT8_QDQ
 
-    audio = tmp_path / "audio"
-    audio.mkdir()
-    shutil.copyfile(shared_audio / "qa_example.wav", audio / "qa_example.wav")
+    audio = one_clip_audio
     out = tmp_path / "report"
     kw = dict(variants=f"whisper_encoder={INT8_QDQ},adaptor={INT8_DYNAMIC}", steps=8, bundle=tiny_bundle,
               progress=False)
