@@ -19,7 +19,7 @@
   Gemm and Conv stay fp32, so only MatMul graphs are listed for it in the registry.
 
 Graphs keep their weights in an external-data file (``<graph>.onnx.data``, memory-mapped by ONNX Runtime); each
-variant is written the same way (and must be over 2 GiB, since protobuf cannot hold more in one file).
+variant is written the same way (over 2 GiB there is no other way: protobuf holds at most 2 GiB in one file).
 
 Each variant's error against the reference is measured by the caller (``export/exporter.py``) and stored in
 the manifest. The names, tolerances and TensorRT flags of the precisions are the registry's

@@ -319,7 +319,7 @@ def _runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-start", action="store_true",
                    help="open the ONNX graphs and the LLM without repacking their weights: ready in seconds instead "
                         "of a minute at full size, no private copy of the weights (computed on the mapped files), "
-                        "synthesis and LLM steps somewhat slower (docs/benchmarks.md)")
+                        "synthesis somewhat slower (docs/benchmarks.md)")
     p.add_argument("--low-memory", action="store_true",
                    help="open the audio encoders for each turn and free them after encoding, open the DiT and vocoder "
                         "only for a spoken answer and free them after it: less peak memory, each turn pays the "

@@ -478,9 +478,10 @@ class LlamaCppBackend:
     nor run and no eval callback is installed (audio logits are always None; ASR / audio QA). feature_scale: overrides the sqrt(2) stored in the file
     (the file holds the value in the snapshot dtype, bf16 1.4140625; an fp32 reference uses 1.4142135).
     eval_callback: the hand-off capture, "auto" (native C++ callback unless ``KIMIA_EVAL_CALLBACK=python``),
-    "native" or "python" (:func:`make_capture`). repack: let llama.cpp copy the weights into its CPU layouts for
-    faster kernels (``use_extra_bufts``; Q4_K on AVX2: about a second copy of the file in private memory, a longer
-    load and a faster step); False computes on the memory-mapped file as it lies (docs/benchmarks.md, memory).
+    "native" or "python" (:func:`make_capture`). repack: let llama.cpp copy the weights into the CPU layouts of its
+    repacked kernels (``use_extra_bufts``; Q4_K on AVX2: a second copy of most of the file in private memory and a
+    longer load; what it does to the step's speed is not settled here); False computes on the memory-mapped file as
+    it lies (docs/benchmarks.md, memory).
     """
 
     def __init__(self, trunk_path: Path, audio_path: Optional[Path] = None, adaptor_path: Optional[Path] = None, *,

@@ -52,7 +52,4 @@ class OnDemand(Generic[T]):
         if value is None:
             return
         del value  # the sessions are freed here unless a running turn still holds them
-        start = time.perf_counter()
-        trimmed = heap.trim_heap()
-        log.info("%s released (heap %s in %.0f ms)", self.name, "trimmed" if trimmed else "not trimmed",
-                 1e3 * (time.perf_counter() - start))
+        log.info("%s released (heap %s)", self.name, "trimmed" if heap.trim_heap() else "not trimmed")

@@ -62,8 +62,8 @@ class PipelineOptions:
     the GPU (untested on GPU). ``streaming``: overrides of the bundle's streaming schedule, e.g.
     ``{"first_chunk_tokens": 10}``. ``text_only``: open neither the DiT, the vocoder nor the LLM's audio branch (asr,
     qa). ``cache_dir``: verification stamps and TensorRT engines (default ``~/.cache/kimia-edge``). ``prepack``:
-    let ONNX Runtime and llama.cpp repack the weights when they open (faster steady state, slower start, a private
-    copy of the weights; False starts in seconds and computes on the memory-mapped files: see
+    let ONNX Runtime and llama.cpp repack the weights when they open (a slower start and a private copy of the
+    weights, for faster ONNX Runtime synthesis; False starts in seconds and computes on the memory-mapped files: see
     ``runtime/sessions.open_session`` and ``LlamaCppBackend``'s ``repack``). ``n_ctx``: LLM context in positions (12.5 per second of speech,
     history included; None: the backend's default, 4096), at most the model's context length; a conversation trims
     its oldest history to stay inside it. ``low_memory``: the audio encoders are opened for each turn's encoding and

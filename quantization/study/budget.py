@@ -267,9 +267,8 @@ def measured(out: Path, rec: Dict[str, Any]) -> Dict[str, Any]:
     e2e_bounds = [b for b in bounds if b.e2e]
     e2e_values = within(e2e_bounds, [], e2e)["values"] if e2e and e2e_bounds else {}
     values = {b.text: (e2e_values.get(b.text, float("nan")) if b.e2e else llm_values[b.text]) for b in bounds}
-    ok = all(_OPS[b.op](values[b.text], b.value) for b in bounds)
     check = lambda bs: all(_OPS[b.op](values[b.text], b.value) for b in bs)  # noqa: E731
-    return {"spec": spec, "bytes": nbytes, "ok": ok, "values": values,
+    return {"spec": spec, "bytes": nbytes, "ok": check(bounds), "values": values,
             "llm": {"ok": check([b for b in bounds if not b.e2e]), "values": llm_values} if llm or spec == "F32"
             else None,
             "e2e": {"variant": variant, "clips": len(e2e), "ok": check(e2e_bounds), "values": e2e_values,
@@ -332,12 +331,19 @@ def study_sensitivity(snapshot: Path, audio: Path, out: Path, items: Sequence[st
     return rec
 
 
+def _num(v: Optional[float], f: str = ".3g") -> str:
+    """A table cell: ``v`` formatted, a dash when there is no value."""
+    return "–" if v is None else format(v, f)
+
+
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
 def markdown_section(report: Dict[str, Any]) -> List[str]:
     """report.md lines for the sensitivity ranking(s) and the recommendation (empty when neither was run)."""
     lines: List[str] = []
     for qtype, rows in report.get("sensitivity", {}).items():
-        pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-        num = lambda v, f=".3g": "–" if v is None else format(v, f)  # noqa: E731
         lines += [f"## LLM per-group sensitivity at {qtype}", "",
                   f"One tensor group from the {qtype} files, every other tensor F32 (`gguf_mix`), measured by the LLM "
                   "cells and end to end (the runtime Pipeline over fp32 graphs and that GGUF vs the golden torch "
@@ -347,14 +353,13 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
                   "| group | e2e impact | e2e audio tokens | e2e text tokens | e2e WER | e2e steps | KLD impact | "
                   "text mean KLD | audio mean KLD | text top-1 | audio top-1 | greedy steps | MB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['group']} | {num(r.get('e2e_impact'))} | {pct(r.get('e2e_audio_token_agreement'))} | "
-                  f"{pct(r.get('e2e_text_token_agreement'))} | {num(r.get('e2e_wer'))} | "
-                  f"{num(r.get('e2e_greedy_steps'), '.1f')} | {r['impact']:.3g} | {r['text_mean_kld']:.3g} | "
+        lines += [f"| {r['group']} | {_num(r.get('e2e_impact'))} | {_pct(r.get('e2e_audio_token_agreement'))} | "
+                  f"{_pct(r.get('e2e_text_token_agreement'))} | {_num(r.get('e2e_wer'))} | "
+                  f"{_num(r.get('e2e_greedy_steps'), '.1f')} | {r['impact']:.3g} | {r['text_mean_kld']:.3g} | "
                   f"{r['audio_mean_kld']:.3g} | {100 * r['text_top1']:.1f} % | {100 * r['audio_top1']:.1f} % | "
                   f"{r['greedy_agreement_steps']:.1f} | {r['bytes'] / 1e6:.2f} |" for r in rows]
         lines += ["", f"![sensitivity {qtype}](sensitivity_{qtype}.png)", ""]
     for graph, rows in report.get("sensitivity_blocks", {}).items():
-        num = lambda v, f=".3g": "–" if v is None else format(v, f)  # noqa: E731
         lines += [f"## {graph}: per-block sensitivity at int8_dynamic", "",
                   f"One block's MatMul / Gemm / Conv nodes int8 (ONNX Runtime `quantize_dynamic`, "
                   f"`nodes_to_quantize`), the rest fp32 (`other` = the nodes outside every block), measured by the "
@@ -364,8 +369,8 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
                   "MR-STFT distance, then the component impact.", "",
                   "| block | e2e impact | e2e audio tokens | e2e WER | e2e speech MR-STFT | e2e PESQ | impact | MB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['group']} | {num(r.get('e2e_impact'))} | {num(r.get('e2e_audio_token_agreement'), '.1%')} | "
-                  f"{num(r.get('e2e_wer'))} | {num(r.get('e2e_mrstft'), '.4g')} | {num(r.get('e2e_pesq'))} | "
+        lines += [f"| {r['group']} | {_num(r.get('e2e_impact'))} | {_num(r.get('e2e_audio_token_agreement'), '.1%')} | "
+                  f"{_num(r.get('e2e_wer'))} | {_num(r.get('e2e_mrstft'), '.4g')} | {_num(r.get('e2e_pesq'))} | "
                   f"{r['impact']:.4g} | {r['bytes'] / 1e6:.3f} |" for r in rows]
         lines += ["", f"![{graph} blocks](sensitivity_{graph}.png)", ""]
     rec = report.get("recommendation")
@@ -384,8 +389,8 @@ def markdown_section(report: Dict[str, Any]) -> List[str]:
         means = (measured.get("e2e") or {}).get("means")
         if means:
             lines += [f"End to end (`e2e:{measured['e2e']['variant']}`, beside the uniform `e2e:fp32@{rec['qtype']}` "
-                      "row of the end-to-end table): " + ", ".join(f"{k} = {'–' if v is None else format(v, '.4g')}"
-                                                                    for k, v in means.items()) + ".", ""]
+                      "row of the end-to-end table): "
+                      + ", ".join(f"{k} = {_num(v, '.4g')}" for k, v in means.items()) + ".", ""]
         lines += [f"Greedy trials ({'LLM and end-to-end' if rec.get('trials_end_to_end') else 'LLM'} cells of each "
                   "assembled mix):", "",
                   "| trial | groups quantized | MB | " + " | ".join(rec["budget"]) + " | within |",

@@ -74,10 +74,10 @@ def tensor_errors(float_model: Path, other_model: Path, feeds: Sequence[Dict[str
     from onnxruntime.quantization.qdq_loss_debug import (compute_activation_error, compute_weight_error,
                                                          create_activation_matching, create_weight_matching)
 
-    with unshared_graph(Path(float_model)) as readable:
-        float_acts = _collect(readable, feeds, workdir)
-    with unshared_graph(Path(other_model)) as readable:
-        other_acts = _collect(readable, feeds, workdir)
+    with unshared_graph(Path(float_model)) as fm, unshared_graph(Path(other_model)) as om:
+        float_acts = _collect(fm, feeds, workdir)
+        other_acts = _collect(om, feeds, workdir)
+        weights = {n: float(v) for n, v in compute_weight_error(create_weight_matching(str(fm), str(om))).items()}
     match = create_activation_matching(other_acts, float_acts)
     if not match:
         match = {n: {"pre_qdq": a, "post_qdq": a, "float": float_acts[n]} for n, a in other_acts.items()
@@ -91,8 +91,6 @@ def tensor_errors(float_model: Path, other_model: Path, feeds: Sequence[Dict[str
                 for o in n.output}
     acts = {n: {**{k: float(v) for k, v in e.items()}, "op": producer.get(n, "input")}
             for n, e in compute_activation_error(match).items()}
-    with unshared_graph(Path(float_model)) as fm, unshared_graph(Path(other_model)) as om:
-        weights = {n: float(v) for n, v in compute_weight_error(create_weight_matching(str(fm), str(om))).items()}
     return {"activations": acts, "weights": weights}
 
 
